@@ -1,0 +1,27 @@
+"""deepencoder: DeepSeek-OCR's vision tower (SAM ViT-B + CLIP-L/14 + projector) as a transformers-native model."""
+
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+from .configuration_deepencoder import DeepEncoderClipConfig, DeepEncoderConfig, DeepEncoderSamConfig
+from .image_processing_deepencoder import RESOLUTION_MODES, DeepEncoderImageProcessor, ResolutionMode
+from .modeling_deepencoder import DeepEncoderModel, DeepEncoderOutput, DeepEncoderPreTrainedModel
+
+__version__ = "0.1.0"
+
+AutoConfig.register(DeepEncoderConfig.model_type, DeepEncoderConfig, exist_ok=True)
+AutoModel.register(DeepEncoderConfig, DeepEncoderModel, exist_ok=True)
+AutoImageProcessor.register(
+    DeepEncoderConfig, image_processor_classes={"pil": DeepEncoderImageProcessor}, exist_ok=True
+)
+
+__all__ = [
+    "RESOLUTION_MODES",
+    "DeepEncoderClipConfig",
+    "DeepEncoderConfig",
+    "DeepEncoderImageProcessor",
+    "DeepEncoderModel",
+    "DeepEncoderOutput",
+    "DeepEncoderPreTrainedModel",
+    "DeepEncoderSamConfig",
+    "ResolutionMode",
+]

@@ -1,0 +1,66 @@
+"""Write a converted model as a complete `save_pretrained` directory: config, safetensors weights, processor
+config, the conversion report and a short model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..image_processing_deepencoder import DeepEncoderImageProcessor
+from ..modeling_deepencoder import DeepEncoderModel
+from .report import ConversionReport, summarise_keys
+
+
+def save_converted(
+    model: DeepEncoderModel,
+    report: ConversionReport,
+    output_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "5GB",
+    source_description: str = "",
+    license_name: str = "see the source weights' licence",
+    processor: DeepEncoderImageProcessor | None = None,
+) -> Path:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(output_dir, max_shard_size=max_shard_size, safe_serialization=True)
+    (processor or DeepEncoderImageProcessor()).save_pretrained(output_dir)
+    (output_dir / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    (output_dir / "README.md").write_text(model_card(model, report, source_description, license_name))
+    return output_dir
+
+
+def model_card(model: DeepEncoderModel, report: ConversionReport, source: str, license_name: str) -> str:
+    sam, clip = model.config.sam_config, model.config.clip_config
+    dtype = next(model.parameters()).dtype
+    lines = [
+        "---",
+        "library_name: deepencoder",
+        "tags: [deepencoder, ocr, vision-encoder]",
+        "---",
+        "# DeepEncoder checkpoint",
+        "",
+        f"Converted by `deepencoder` from: {source or report.source}.",
+        f"Source weights licence: {license_name}.",
+        "",
+        f"- SAM stage: ViT {sam.hidden_size}-d, {sam.num_hidden_layers} blocks, global blocks {sam.global_attn_indexes}",
+        f"- CLIP stage: {clip.hidden_size}-d, {clip.num_hidden_layers} layers",
+        f"- projector: {model.config.join_dim} -> {model.config.projector_dim}",
+        f"- dtype: {str(dtype).replace('torch.', '')}, {sum(p.numel() for p in model.parameters()):,} parameters",
+        "",
+        f"Converted tensors: {len(report.converted)}.",
+    ]
+    if report.dropped:
+        lines += ["", "Dropped from the source:"] + [f"- `{k}`: {why}" for k, why in sorted(report.dropped.items())]
+    if report.initialised:
+        lines += ["", "Not in the source, initialised as a fresh model (train before use):"]
+        lines += [f"- `{entry}`" for entry in summarise_keys(report.initialised)]
+    lines += ["", "```python", "from deepencoder import DeepEncoderModel, DeepEncoderImageProcessor",
+              "model = DeepEncoderModel.from_pretrained(PATH)", "processor = DeepEncoderImageProcessor.from_pretrained(PATH)",
+              "```", ""]
+    return "\n".join(lines)

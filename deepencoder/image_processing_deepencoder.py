@@ -1,0 +1,285 @@
+"""Image processor: resolution modes, global view, dynamic tiling, exact token counts.
+
+Pixels are exactly those of the PIL calls DeepSeek-OCR makes (resize / `ImageOps.pad` with bicubic, fill 127,
+`(x / 255 - 0.5) / 0.5`); only Pillow, numpy and torch are needed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+from .layout import count_tokens
+
+
+@dataclass(frozen=True)
+class ResolutionMode:
+    """How a page becomes views.
+
+    base_size: side of the global view (`native`: its long side). global_view: `resize` (stretch to a square),
+    `pad` (aspect-preserving `ImageOps.pad` to a square) or `native` (aspect kept, sides multiples of the token
+    size, no padding). tile_size: side of the local tiles, or None for no tiling.
+    """
+
+    name: str
+    base_size: int
+    global_view: Literal["resize", "pad", "native"]
+    tile_size: int | None = None
+
+
+RESOLUTION_MODES: dict[str, ResolutionMode] = {
+    mode.name: mode
+    for mode in (
+        ResolutionMode("tiny", 512, "resize"),
+        ResolutionMode("small", 640, "resize"),
+        ResolutionMode("base", 1024, "pad"),
+        ResolutionMode("large", 1280, "pad"),
+        ResolutionMode("gundam", 1024, "pad", 640),
+        ResolutionMode("gundam-m", 1280, "pad", 1024),
+        ResolutionMode("native", 1024, "native"),
+    )
+}
+
+ImageLike = Image.Image | np.ndarray | str | os.PathLike
+
+
+def candidate_grids(min_crops: int, max_crops: int) -> list[tuple[int, int]]:
+    """All (cols, rows) with min_crops <= cols * rows <= max_crops, ordered by tile count as DeepSeek-OCR orders
+    them (a set sorted by area, so equal-area grids keep CPython's set order of int tuples)."""
+    grids = {
+        (cols, rows)
+        for n in range(min_crops, max_crops + 1)
+        for cols in range(1, n + 1)
+        for rows in range(1, n + 1)
+        if min_crops <= cols * rows <= max_crops
+    }
+    return sorted(grids, key=lambda grid: grid[0] * grid[1])
+
+
+def choose_tile_grid(width: int, height: int, tile_size: int, min_crops: int = 2, max_crops: int = 9) -> tuple[int, int]:
+    """(cols, rows) whose aspect ratio is closest to the page's; on a tie the later (larger) grid wins when the page's
+    area exceeds half of that grid's area in pixels."""
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in candidate_grids(min_crops, max_crops):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def native_size(width: int, height: int, long_side: int, step: int) -> tuple[int, int]:
+    """(width, height) with the aspect kept, the long side `long_side`, both sides multiples of `step` (>= step)."""
+    scale = long_side / max(width, height)
+    new_w = max(step, round(width * scale / step) * step)
+    new_h = max(step, round(height * scale / step) * step)
+    return min(new_w, long_side), min(new_h, long_side)
+
+
+def load_image(image: ImageLike, name: str | None = None) -> Image.Image:
+    """Open / validate an image; return it as RGB with its EXIF orientation applied.
+
+    Raises ValueError naming the image when it cannot be read or has no pixels.
+    """
+    label = name or (str(image) if isinstance(image, (str, os.PathLike)) else "image")
+    try:
+        if isinstance(image, (str, os.PathLike)):
+            with Image.open(image) as opened:
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+        elif isinstance(image, np.ndarray):
+            image = Image.fromarray(image)
+        elif isinstance(image, Image.Image):
+            image.load()
+            image = ImageOps.exif_transpose(image)
+        else:
+            raise TypeError(f"unsupported image type {type(image).__name__}; pass PIL images, uint8 arrays or paths")
+        if image.width == 0 or image.height == 0:
+            raise ValueError(f"image has no pixels ({image.width}x{image.height})")
+        return to_rgb(image)
+    except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{label}: cannot use image ({error})") from error
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. 16-bit and 32-bit grayscale are scaled to 8 bits (PIL's own conversion clips them);
+    transparent pixels are composited onto white (PIL's `convert("RGB")` would expose whatever colour lies under
+    the alpha, often black); everything else goes through `convert("RGB")`."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16"):
+            top = 65535.0
+        else:
+            top = 1.0 if image.mode == "F" and array.max() <= 1.0 else max(float(array.max()), 1.0)
+        array = np.clip(np.nan_to_num(array) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(array).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class PagePlan:
+    """What the processor decided for one page. global_size: (width, height) of the global view in pixels;
+    tile_grid: (cols, rows), (1, 1) meaning no tiles; tile_size: tile side in pixels (0 without tiles)."""
+
+    global_size: tuple[int, int]
+    tile_grid: tuple[int, int]
+    tile_size: int
+    num_tokens: int
+
+    @property
+    def num_tiles(self) -> int:
+        cols, rows = self.tile_grid
+        return cols * rows if self.tile_size else 0
+
+
+class DeepEncoderImageProcessor(BaseImageProcessor):
+    """Pages -> `pixel_values` (global views), `pixel_values_tiles` (all local tiles of the batch) and
+    `tile_grids` (one (cols, rows) per page, Python ints).
+
+    Args:
+        mode: one of `RESOLUTION_MODES` (tiny | small | base | large | gundam | gundam-m | native).
+        base_size: override the mode's global-view size (`native`: its long side).
+        tile_size: override the mode's tile size.
+        min_crops, max_crops: bounds on the number of tiles of a tiled page.
+        downsample: pixels per output token side (patch 16 x two stride-2 convs = 64).
+        image_mean, image_std: normalisation (0.5, 0.5); the padding colour is `int(mean * 255)`.
+    """
+
+    model_input_names = ["pixel_values", "pixel_values_tiles", "tile_grids"]
+
+    def __init__(
+        self,
+        mode: str = "gundam",
+        base_size: int | None = None,
+        tile_size: int | None = None,
+        min_crops: int = 2,
+        max_crops: int = 9,
+        downsample: int = 64,
+        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
+        image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if mode not in RESOLUTION_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {list(RESOLUTION_MODES)}")
+        if not 1 <= min_crops <= max_crops:
+            raise ValueError(f"need 1 <= min_crops <= max_crops, got {min_crops}, {max_crops}")
+        self.mode = mode
+        self.base_size = base_size
+        self.tile_size = tile_size
+        self.min_crops = min_crops
+        self.max_crops = max_crops
+        self.downsample = downsample
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+
+    # ------------------------------------------------------------------ planning
+    @property
+    def resolution(self) -> ResolutionMode:
+        mode = RESOLUTION_MODES[self.mode]
+        base = self.base_size or mode.base_size
+        tile = mode.tile_size if self.tile_size is None else (self.tile_size or None)
+        for label, size in (("base_size", base), ("tile_size", tile)):
+            if size is not None and size % self.downsample:
+                raise ValueError(f"{label} {size} must be a multiple of {self.downsample}")
+        return ResolutionMode(mode.name, base, mode.global_view, tile)
+
+    def plan(self, width: int, height: int) -> PagePlan:
+        """Global-view size, tile grid and token count for a page of width x height pixels."""
+        if width <= 0 or height <= 0:
+            raise ValueError(f"page size must be positive, got {width}x{height}")
+        mode = self.resolution
+        if mode.global_view == "native":
+            global_size = native_size(width, height, mode.base_size, self.downsample)
+        else:
+            global_size = (mode.base_size, mode.base_size)
+        tile_grid, tile = (1, 1), 0
+        if mode.tile_size is not None and (width > mode.tile_size or height > mode.tile_size):
+            tile = mode.tile_size
+            tile_grid = choose_tile_grid(width, height, tile, self.min_crops, self.max_crops)
+        grid = (global_size[1] // self.downsample, global_size[0] // self.downsample)
+        tokens = count_tokens(grid, tile_grid, math.ceil(tile / self.downsample) if tile else 0)
+        return PagePlan(global_size, tile_grid, tile, tokens)
+
+    def num_image_tokens(self, width: int, height: int) -> int:
+        """Number of vision tokens (rows, newlines, separator) the model emits for a width x height page."""
+        return self.plan(width, height).num_tokens
+
+    # ------------------------------------------------------------------ pixels
+    def _pad_color(self) -> tuple[int, ...]:
+        return tuple(int(m * 255) for m in self.image_mean)
+
+    def global_view(self, image: Image.Image, plan: PagePlan) -> Image.Image:
+        mode = self.resolution
+        if mode.global_view == "pad":
+            return ImageOps.pad(image, plan.global_size, method=Image.Resampling.BICUBIC, color=self._pad_color())
+        return image.resize(plan.global_size, Image.Resampling.BICUBIC)
+
+    def tiles(self, image: Image.Image, plan: PagePlan) -> list[Image.Image]:
+        """The page resized to cols*tile x rows*tile and cut row-major into tiles."""
+        if not plan.num_tiles:
+            return []
+        cols, rows = plan.tile_grid
+        tile = plan.tile_size
+        resized = image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC)
+        return [
+            resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)
+        ]
+
+    def to_tensor(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL -> (3, H, W) float32, (x / 255 - mean) / std."""
+        array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255.0)
+        mean = torch.tensor(self.image_mean).view(3, 1, 1)
+        std = torch.tensor(self.image_std).view(3, 1, 1)
+        return (array - mean) / std
+
+    def preprocess(
+        self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt", **kwargs: Any
+    ) -> BatchFeature:
+        """Pages -> BatchFeature with
+        `pixel_values`: (B, 3, S, S) tensor, or a list of (3, H, W) when `native` pages differ in size;
+        `pixel_values_tiles`: (T, 3, t, t) all tiles of all pages in page order (present when any page is tiled);
+        `tile_grids`: list of (cols, rows) per page; `num_image_tokens`: list of ints."""
+        if return_tensors not in (None, "pt"):
+            raise ValueError("only return_tensors='pt' is supported")
+        if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
+            images = [images]
+        images = list(images)
+        if not images:
+            raise ValueError("no images given")
+        globals_, tiles, grids, tokens = [], [], [], []
+        for index, raw in enumerate(images):
+            image = load_image(raw, name=raw if isinstance(raw, (str, os.PathLike)) else f"image {index}")
+            plan = self.plan(image.width, image.height)
+            globals_.append(self.to_tensor(self.global_view(image, plan)))
+            tiles.extend(self.to_tensor(t) for t in self.tiles(image, plan))
+            grids.append(plan.tile_grid if plan.num_tiles else (1, 1))
+            tokens.append(plan.num_tokens)
+        same_size = len({tuple(g.shape) for g in globals_}) == 1
+        data: dict[str, Any] = {
+            "pixel_values": torch.stack(globals_) if same_size else globals_,
+            "tile_grids": grids,
+            "num_image_tokens": tokens,
+        }
+        if tiles:
+            data["pixel_values_tiles"] = torch.stack(tiles)
+        return BatchFeature(data=data, skip_tensor_conversion={"tile_grids", "num_image_tokens"})
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike], **kwargs: Any) -> BatchFeature:
+        return self.preprocess(images, **kwargs)

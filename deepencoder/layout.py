@@ -1,0 +1,57 @@
+"""Token layout of a page: grids of tokens with `image_newline` after every row, local tiles stitched into one
+big grid, then the global view, then `view_separator`. Also the closed-form token counts the processor reports.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def add_newlines(grid: torch.Tensor, newline: torch.Tensor) -> torch.Tensor:
+    """grid: (h, w, D), newline: (D,) -> (h * (w + 1), D), a newline token after each row."""
+    h, _, dim = grid.shape
+    return torch.cat([grid, newline.to(grid.dtype).expand(h, 1, dim)], dim=1).reshape(-1, dim)
+
+
+def stitch_tiles(tiles: torch.Tensor, cols: int, rows: int) -> torch.Tensor:
+    """tiles: (rows * cols, h, w, D) in row-major tile order -> one grid (rows * h, cols * w, D)."""
+    _, h, w, dim = tiles.shape
+    return tiles.reshape(rows, cols, h, w, dim).permute(0, 2, 1, 3, 4).reshape(rows * h, cols * w, dim)
+
+
+def layout_page(
+    global_tokens: torch.Tensor,
+    global_grid: tuple[int, int],
+    newline: torch.Tensor,
+    separator: torch.Tensor,
+    tile_tokens: torch.Tensor | None = None,
+    tile_grid: tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """One page's token sequence.
+
+    global_tokens: (h*w, D) for the global view of grid (h, w); tile_tokens: (cols*rows, th*tw, D) or None, each
+    tile a square grid; tile_grid: (cols, rows). Returns [tiles rows + newlines] + [global rows + newlines] +
+    [separator]: (num_tokens, D).
+    """
+    h, w = global_grid
+    dim = global_tokens.shape[-1]
+    parts = []
+    if tile_tokens is not None and tile_tokens.shape[0] > 0:
+        cols, rows = tile_grid
+        side = round(tile_tokens.shape[1] ** 0.5)
+        tiles = tile_tokens.reshape(cols * rows, side, side, dim)
+        parts.append(add_newlines(stitch_tiles(tiles, cols, rows), newline))
+    parts.append(add_newlines(global_tokens.reshape(h, w, dim), newline))
+    parts.append(separator.to(global_tokens.dtype)[None])
+    return torch.cat(parts, dim=0)
+
+
+def count_tokens(global_grid: tuple[int, int], tile_grid: tuple[int, int] = (1, 1), tile_side: int = 0) -> int:
+    """Length of `layout_page`'s output. global_grid: (h, w) tokens; tile_grid: (cols, rows); tile_side: tokens per
+    tile side (0 or a 1x1 tile grid means no tiles)."""
+    h, w = global_grid
+    total = h * (w + 1) + 1
+    cols, rows = tile_grid
+    if tile_side and cols * rows > 1:
+        total += (tile_side * rows) * (tile_side * cols + 1)
+    return total

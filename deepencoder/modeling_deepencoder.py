@@ -1,0 +1,218 @@
+"""DeepEncoderModel: SAM stage -> CLIP stage -> join (2048) -> projector -> per-page token layout."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_deepencoder import DeepEncoderConfig
+from .layout import layout_page
+from .modeling_clip import ClipEmbeddings, DeepEncoderClipModel
+from .modeling_sam import DeepEncoderSamModel, SamAttention
+
+
+@dataclass
+class DeepEncoderViewsOutput(ModelOutput):
+    """Output of `DeepEncoderModel.encode_views` for a batch of same-size views.
+
+    image_embeds: (B, h*w, projector_dim), projected tokens, row-major.
+    pre_projector: (B, h*w, 2048), `cat(clip_tokens, sam_tokens)`, when requested.
+    sam_hidden_states / clip_hidden_states: per-block outputs, when `output_hidden_states`.
+    grid: (h, w) token grid.
+    """
+
+    image_embeds: torch.Tensor | None = None
+    pre_projector: torch.Tensor | None = None
+    sam_hidden_states: tuple[torch.Tensor, ...] | None = None
+    clip_hidden_states: tuple[torch.Tensor, ...] | None = None
+    grid: tuple[int, int] | None = None
+
+
+@dataclass
+class DeepEncoderOutput(ModelOutput):
+    """Output of `DeepEncoderModel.forward`.
+
+    image_embeds: list with one (num_tokens_i, projector_dim) tensor per page, laid out as DeepSeek-OCR does
+        ([tile rows + newlines] + [global rows + newlines] + view_separator).
+    global_embeds: (B, h*w, D) projected global-view tokens (tensor when all pages share the grid, else list).
+    tile_embeds: (T, th*tw, D) projected tile tokens of all pages, or None.
+    pre_projector: same structure as image_embeds but 2048-d join features without newline/separator tokens
+        (per page: tiles then global view, row-major), when `output_pre_projector=True`.
+    """
+
+    image_embeds: list[torch.Tensor] | None = None
+    global_embeds: torch.Tensor | list[torch.Tensor] | None = None
+    tile_embeds: torch.Tensor | None = None
+    pre_projector: list[torch.Tensor] | None = None
+
+
+class DeepEncoderPreTrainedModel(PreTrainedModel):
+    config_class = DeepEncoderConfig
+    config: DeepEncoderConfig
+    base_model_prefix = "deepencoder"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["SamBlock", "ClipLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, SamAttention) and module.use_rel_pos:
+            init.normal_(module.rel_pos_h, std=std)
+            init.normal_(module.rel_pos_w, std=std)
+        elif isinstance(module, DeepEncoderSamModel) and module.pos_embed is not None:
+            init.normal_(module.pos_embed, std=std)
+        elif isinstance(module, ClipEmbeddings):
+            init.normal_(module.class_embedding, std=module.class_embedding.shape[0] ** -0.5)
+            init.normal_(module.position_embedding.weight, std=std)
+        elif isinstance(module, DeepEncoderModel):
+            embed_std = 1 / math.sqrt(self.config.projector_dim)
+            init.normal_(module.image_newline, std=embed_std)
+            init.normal_(module.view_separator, std=embed_std)
+
+
+class DeepEncoderModel(DeepEncoderPreTrainedModel):
+    """The DeepSeek-OCR vision tower.
+
+    `forward(pixel_values, pixel_values_tiles=None, tile_grids=None)` takes the processor's output and returns one
+    token sequence per page. Stages are reachable on their own: `model.sam(pixel_values)` (B, 1024, H/64, W/64),
+    `model.sam.neck_features(pixel_values)` (B, 256, H/16, W/16), `model.clip(sam_features)` (B, 1 + h*w, 1024).
+    """
+
+    def __init__(self, config: DeepEncoderConfig) -> None:
+        super().__init__(config)
+        self.sam = DeepEncoderSamModel(config.sam_config)
+        self.clip = DeepEncoderClipModel(config.clip_config)
+        self.projector = nn.Linear(config.join_dim, config.projector_dim, bias=config.projector_bias)
+        self.image_newline = nn.Parameter(torch.zeros(config.projector_dim))
+        self.view_separator = nn.Parameter(torch.zeros(config.projector_dim))
+        self.post_init()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_deepseek_ocr(
+        cls, path_or_repo_id: str, *, revision: str | None = None, dtype: torch.dtype | None = None, **kwargs
+    ) -> DeepEncoderModel:
+        """Build the tower from a DeepSeek-OCR checkpoint (local directory of *.safetensors, or a hub id), reading
+        only the vision tensors. Extra keyword arguments go to `DeepEncoderConfig`."""
+        from .conversion.deepseek_ocr import load_deepseek_ocr
+
+        return load_deepseek_ocr(path_or_repo_id, revision=revision, dtype=dtype, config_kwargs=kwargs)
+
+    # ------------------------------------------------------------------ compute
+    def encode_views(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_pre_projector: bool = False,
+    ) -> DeepEncoderViewsOutput:
+        """Same-size views (B, 3, H, W) -> projected tokens (B, H/64 * W/64, projector_dim)."""
+        neck_in, sam_states = self.sam.trunk(pixel_values, output_hidden_states=output_hidden_states)
+        sam_features = self.sam.compress(self.sam.neck(neck_in.permute(0, 3, 1, 2)))  # (B, 1024, h, w)
+        clip_out, clip_states = self.clip.encode(
+            self.clip.embeddings(sam_features), output_hidden_states=output_hidden_states
+        )
+        joined = torch.cat([clip_out[:, 1:], sam_features.flatten(2).transpose(1, 2)], dim=-1)  # (B, h*w, 2048)
+        return DeepEncoderViewsOutput(
+            image_embeds=self.projector(joined),
+            pre_projector=joined if output_pre_projector else None,
+            sam_hidden_states=sam_states,
+            clip_hidden_states=clip_states,
+            grid=(sam_features.shape[2], sam_features.shape[3]),
+        )
+
+    def _encode_globals(
+        self, pixel_values: torch.Tensor | Sequence[torch.Tensor], output_pre_projector: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[tuple[int, int]]]:
+        """Global views, one batched pass per distinct size. Returns per page: projected tokens (h*w, D),
+        pre-projector features (h*w, 2048) or None, and the (h, w) grid."""
+        if isinstance(pixel_values, torch.Tensor):
+            groups = [(list(range(pixel_values.shape[0])), pixel_values)]
+        else:
+            by_size: dict[tuple[int, ...], list[int]] = {}
+            for index, view in enumerate(pixel_values):
+                by_size.setdefault(tuple(view.shape[-2:]), []).append(index)
+            groups = [
+                (indices, torch.stack([pixel_values[i].reshape(pixel_values[i].shape[-3:]) for i in indices]))
+                for indices in by_size.values()
+            ]
+        count = sum(len(indices) for indices, _ in groups)
+        embeds: list = [None] * count
+        pre: list = [None] * count
+        grids: list = [None] * count
+        for indices, views in groups:
+            out = self.encode_views(views, output_pre_projector=output_pre_projector)
+            for position, i in enumerate(indices):
+                embeds[i] = out.image_embeds[position]
+                pre[i] = out.pre_projector[position] if output_pre_projector else None
+                grids[i] = out.grid
+        return embeds, pre, grids
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor],
+        pixel_values_tiles: torch.Tensor | None = None,
+        tile_grids: Sequence[Sequence[int]] | None = None,
+        output_pre_projector: bool = False,
+        return_dict: bool = True,
+        **kwargs,
+    ) -> DeepEncoderOutput | tuple:
+        """pixel_values: (B, 3, S, S) global views, or a list of (3, H, W) views of different sizes (`native`);
+        pixel_values_tiles: (T, 3, t, t) all tiles of the batch in page order; tile_grids: per page (cols, rows)
+        as Python ints ((1, 1) for an untiled page). Returns `DeepEncoderOutput`."""
+        kwargs.pop("num_image_tokens", None)
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        batch = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else len(pixel_values)
+        grids = [tuple(int(v) for v in g) for g in tile_grids] if tile_grids is not None else [(1, 1)] * batch
+        if len(grids) != batch:
+            raise ValueError(f"tile_grids has {len(grids)} entries for {batch} pages")
+        counts = [c * r if c * r > 1 else 0 for c, r in grids]
+        total_tiles = sum(counts)
+        if total_tiles and pixel_values_tiles is None:
+            raise ValueError(f"tile_grids asks for {total_tiles} tiles but pixel_values_tiles is missing")
+        if pixel_values_tiles is not None and pixel_values_tiles.shape[0] != total_tiles:
+            raise ValueError(
+                f"pixel_values_tiles has {pixel_values_tiles.shape[0]} tiles, tile_grids asks for {total_tiles}"
+            )
+
+        global_embeds, global_pre, global_grids = self._encode_globals(pixel_values, output_pre_projector)
+        tile_batch = None
+        tile_embeds: list = [None] * batch
+        tile_pre: list = [None] * batch
+        if total_tiles:
+            tiles_out = self.encode_views(pixel_values_tiles, output_pre_projector=output_pre_projector)
+            tile_batch = tiles_out.image_embeds  # (T, th*tw, D)
+            tile_embeds = [t if n else None for t, n in zip(tile_batch.split(counts), counts)]
+            if output_pre_projector:
+                tile_pre = [t if n else None for t, n in zip(tiles_out.pre_projector.split(counts), counts)]
+
+        pages = [
+            layout_page(
+                global_embeds[i], global_grids[i], self.image_newline, self.view_separator, tile_embeds[i], grids[i]
+            )
+            for i in range(batch)
+        ]
+        pre = None
+        if output_pre_projector:
+            pre = [
+                torch.cat([tile_pre[i].flatten(0, 1), global_pre[i]]) if counts[i] else global_pre[i]
+                for i in range(batch)
+            ]
+        same_grid = len(set(global_grids)) == 1
+        output = DeepEncoderOutput(
+            image_embeds=pages,
+            global_embeds=torch.stack(global_embeds) if same_grid else global_embeds,
+            tile_embeds=tile_batch,
+            pre_projector=pre,
+        )
+        return output if return_dict else output.to_tuple()

@@ -1,0 +1,306 @@
+"""SAM stage: segment-anything's `ImageEncoderViT` (windowed ViT with decomposed relative position bias), its neck,
+and DeepEncoder's stride-2 compressor (`net_2`, `net_3`).
+
+Parameter names follow segment-anything (`patch_embed.proj`, `blocks.i.attn.qkv`, `neck.0` ...) so the SAM and
+DeepSeek-OCR checkpoints map onto this module by prefix only. Nothing here assumes a square grid: a page of
+H x W pixels gives an (H/16) x (W/16) grid, every interpolation is per axis.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from .configuration_deepencoder import DeepEncoderSamConfig
+
+ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
+REL_POS_MODES = ("folded", "mask")
+
+
+def resize_abs_pos(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize SAM's absolute position embedding to a (height, width) grid.
+
+    pos_embed: (1, Hp, Wp, C) -> (1, height, width, C). Bicubic, antialias, align_corners=False, computed in fp32
+    and cast back (the released model's semantics); returned unchanged when the grid already matches.
+    """
+    if pos_embed.shape[1] == height and pos_embed.shape[2] == width:
+        return pos_embed
+    resized = F.interpolate(
+        pos_embed.permute(0, 3, 1, 2).float(),  # (1, C, Hp, Wp)
+        size=(height, width),
+        mode="bicubic",
+        antialias=True,
+        align_corners=False,
+    )
+    return resized.to(pos_embed.dtype).permute(0, 2, 3, 1)
+
+
+def get_rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Relative position table gathered for a query/key axis of `size` positions.
+
+    rel_pos: (L, head_dim), L = 2 * trained_size - 1. Linearly resized (fp32) to 2 * size - 1 rows when it differs.
+    Returns (size_q, size_k, head_dim) with entry [i, j] = table[i - j + size - 1].
+    """
+    length = 2 * size - 1
+    if rel_pos.shape[0] != length:
+        resized = F.interpolate(rel_pos.float().t()[None], size=length, mode="linear")  # (1, hd, length)
+        rel_pos = resized[0].t().to(rel_pos.dtype)
+    coords = torch.arange(size, device=rel_pos.device)
+    relative = coords[:, None] - coords[None, :] + (size - 1)
+    return rel_pos[relative]
+
+
+def decomposed_rel_pos(
+    query: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, height: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query relative position terms of MViTv2 / SAM, from the unscaled query.
+
+    query: (B, heads, H*W, hd). Returns rel_h: (B, heads, H*W, H) and rel_w: (B, heads, H*W, W); the bias of
+    query (qh, qw) on key (kh, kw) is rel_h[..., kh] + rel_w[..., kw].
+    """
+    batch, heads, _, head_dim = query.shape
+    r_h = get_rel_pos(height, rel_pos_h)  # (H, H, hd)
+    r_w = get_rel_pos(width, rel_pos_w)  # (W, W, hd)
+    q = query.reshape(batch, heads, height, width, head_dim)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", q, r_h).reshape(batch, heads, height * width, height)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", q, r_w).reshape(batch, heads, height * width, width)
+    return rel_h, rel_w
+
+
+def rel_pos_mask(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """Materialise the additive bias: (B, heads, N, H), (B, heads, N, W) -> (B, heads, N, H*W)."""
+    batch, heads, n, height = rel_h.shape
+    width = rel_w.shape[-1]
+    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, n, height * width)
+
+
+def folded_rel_pos_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Attention with the decomposed bias folded into the dot product, so no (N x N) mask exists.
+
+    q' = [q * scale, rel_h, rel_w] and k' = [k, onehot(row(k)), onehot(col(k))] give
+    q'.k' = scale q.k + rel_h[row(k)] + rel_w[col(k)], exactly the biased logits; SDPA then runs mask-free with
+    scale 1. query/key/value: (B, heads, N, hd); rel_h: (B, heads, N, H); rel_w: (B, heads, N, W).
+    """
+    batch, heads, n, head_dim = key.shape
+    height, width = rel_h.shape[-1], rel_w.shape[-1]
+    rows = torch.arange(height, device=key.device).repeat_interleave(width)
+    cols = torch.arange(width, device=key.device).repeat(height)
+    onehot_h = F.one_hot(rows, height).to(key.dtype)  # (N, H)
+    onehot_w = F.one_hot(cols, width).to(key.dtype)  # (N, W)
+    q_ext = torch.cat([query * scale, rel_h, rel_w], dim=-1)
+    k_ext = torch.cat(
+        [key, onehot_h.expand(batch, heads, n, height), onehot_w.expand(batch, heads, n, width)], dim=-1
+    )
+    return F.scaled_dot_product_attention(q_ext, k_ext, value, scale=1.0)
+
+
+class SamAttention(nn.Module):
+    """Multi-head self-attention with decomposed relative position bias. x: (B, H, W, C) -> (B, H, W, C)."""
+
+    def __init__(self, config: DeepEncoderSamConfig, input_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(config.hidden_size, config.hidden_size * 3, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.use_rel_pos = config.use_rel_pos
+        if self.use_rel_pos:
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch, height * width, 3, self.num_heads, -1)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, hd)
+
+        rel_h = rel_w = None
+        if self.use_rel_pos:
+            rel_h, rel_w = decomposed_rel_pos(query, self.rel_pos_h, self.rel_pos_w, height, width)
+
+        implementation = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        if implementation == "eager":
+            attn = (query * self.scale) @ key.transpose(-2, -1)  # (B, heads, N, N)
+            if rel_h is not None:
+                attn = attn + rel_pos_mask(rel_h, rel_w)
+            attn = attn.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
+            out = attn @ value
+        elif rel_h is None:
+            out = F.scaled_dot_product_attention(query, key, value)
+        elif self.config.rel_pos_attention == "folded":
+            out = folded_rel_pos_attention(query, key, value, rel_h, rel_w, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=rel_pos_mask(rel_h, rel_w))
+
+        out = out.transpose(1, 2).reshape(batch, height, width, -1)  # (B, H, W, C)
+        return self.proj(out)
+
+
+def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, H, W, C) -> (B * nWindows, window, window, C), zero-padding H and W up to multiples of `window`."""
+    batch, height, width, channels = x.shape
+    pad_h = (window - height % window) % window
+    pad_w = (window - width % window) % window
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = height + pad_h, width + pad_w
+    x = x.view(batch, hp // window, window, wp // window, window, channels)
+    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, channels)
+    return windows, (hp, wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window: int, padded: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """(B * nWindows, window, window, C) -> (B, H, W, C), dropping the padding."""
+    hp, wp = padded
+    height, width = size
+    batch = windows.shape[0] // ((hp // window) * (wp // window))
+    x = windows.view(batch, hp // window, wp // window, window, window, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(batch, hp, wp, -1)
+    if hp > height or wp > width:
+        x = x[:, :height, :width, :].contiguous()
+    return x
+
+
+class SamMLP(nn.Module):
+    def __init__(self, config: DeepEncoderSamConfig) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(config.hidden_size, config.mlp_dim)
+        self.lin2 = nn.Linear(config.mlp_dim, config.hidden_size)
+        self.act = nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
+
+
+class SamBlock(GradientCheckpointingLayer):
+    """Pre-LN ViT block; attention in windows (window_size > 0) or over the whole grid (window_size == 0)."""
+
+    def __init__(self, config: DeepEncoderSamConfig, window_size: int) -> None:
+        super().__init__()
+        self.window_size = window_size
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = SamAttention(config, window_size if window_size > 0 else config.grid_size)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = SamMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states: (B, H, W, C) -> (B, H, W, C)."""
+        x = self.norm1(hidden_states)
+        if self.window_size > 0:
+            height, width = x.shape[1], x.shape[2]
+            x, padded = window_partition(x, self.window_size)
+            x = self.attn(x)
+            x = window_unpartition(x, self.window_size, padded, (height, width))
+        else:
+            x = self.attn(x)
+        hidden_states = hidden_states + x
+        return hidden_states + self.mlp(self.norm2(hidden_states))
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channel axis of (B, C, H, W)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patch embedding: (B, 3, H, W) -> (B, H/16, W/16, C)."""
+
+    def __init__(self, config: DeepEncoderSamConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixel_values).permute(0, 2, 3, 1)
+
+
+class DeepEncoderSamModel(nn.Module):
+    """SAM ViT + neck + compressor.
+
+    `forward(pixel_values)`: (B, 3, H, W) -> (B, 1024, H/64, W/64), the tokens DeepEncoder passes to CLIP.
+    `neck_features(pixel_values)`: (B, 3, H, W) -> (B, 256, H/16, W/16), segment-anything's image embedding.
+    """
+
+    def __init__(self, config: DeepEncoderSamConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.patch_embed = PatchEmbed(config)
+        self.pos_embed: nn.Parameter | None = None
+        if config.use_abs_pos:
+            grid = config.grid_size
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, config.hidden_size))
+        global_blocks = set(config.global_attn_indexes)
+        self.blocks = nn.ModuleList(
+            SamBlock(config, 0 if i in global_blocks else config.window_size)
+            for i in range(config.num_hidden_layers)
+        )
+        out = config.out_channels
+        self.neck = nn.Sequential(
+            nn.Conv2d(config.hidden_size, out, kernel_size=1, bias=False),
+            LayerNorm2d(out, eps=config.layer_norm_eps),
+            nn.Conv2d(out, out, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out, eps=config.layer_norm_eps),
+        )
+        channels = [out, *config.compressor_channels]
+        for index, (cin, cout) in enumerate(zip(channels[:-1], channels[1:]), start=2):
+            self.add_module(f"net_{index}", nn.Conv2d(cin, cout, kernel_size=3, stride=2, padding=1, bias=False))
+        self.num_compressor_convs = len(config.compressor_channels)
+
+    def _check_input(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
+            raise ValueError(f"pixel_values must be (B, {self.config.num_channels}, H, W), got {tuple(pixel_values.shape)}")
+        step = self.config.downsample
+        if pixel_values.shape[-2] % step or pixel_values.shape[-1] % step:
+            raise ValueError(
+                f"pixel_values height and width must be multiples of {step}, got {tuple(pixel_values.shape[-2:])}"
+            )
+
+    def trunk(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
+        """(B, 3, H, W) -> ViT output (B, H/16, W/16, C) [, tuple of per-block outputs]."""
+        self._check_input(pixel_values)
+        x = self.patch_embed(pixel_values)
+        if self.pos_embed is not None:
+            x = x + resize_abs_pos(self.pos_embed, x.shape[1], x.shape[2])
+        hidden_states = (x,) if output_hidden_states else None
+        for block in self.blocks:
+            x = block(x)
+            if hidden_states is not None:
+                hidden_states = hidden_states + (x,)
+        return x, hidden_states
+
+    def compress(self, neck: torch.Tensor) -> torch.Tensor:
+        """(B, 256, h, w) -> (B, 1024, h/4, w/4)."""
+        for index in range(2, 2 + self.num_compressor_convs):
+            neck = getattr(self, f"net_{index}")(neck)
+        return neck
+
+    def neck_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 256, H/16, W/16)."""
+        x, _ = self.trunk(pixel_values)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 1024, H/64, W/64)."""
+        return self.compress(self.neck_features(pixel_values))
