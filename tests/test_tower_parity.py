@@ -60,3 +60,39 @@ def test_real_size_tower_matches_unlimited_ocr(size):
         assert ours.image_embeds.shape == (1, (size // 64) ** 2, 1280)
         assert rel_err(ours.pre_projector, theirs) < TOL
         assert rel_err(ours.image_embeds, projector(theirs)) < TOL
+
+
+def released_geometry_config(**kwargs):
+    """Narrow and shallow, but the released geometry: 64x64 pos-embed grid, 14x14 windows, 127-row global rel-pos
+    tables, CLIP's 16x16 position grid. Inputs of 512/640/1024/1280 px then take exactly the released model's
+    interpolation paths (64 -> 32/40/64/80 for SAM, 16 -> 8/10/16/20 for CLIP)."""
+    return tiny_config(
+        sam_config={"image_size": 1024, "window_size": 14, "num_hidden_layers": 3, "global_attn_indexes": [1]},
+        clip_config={"image_size": 224, "num_hidden_layers": 1},
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("size", [512, 640, 1024, 1280])
+def test_released_geometry_matches_unlimited_ocr(size):
+    model = random_model(released_geometry_config())
+    reference, projector = unlimited_ocr_reference(model)
+    pixels = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        ours = model.encode_views(pixels, output_pre_projector=True)
+        theirs = reference(pixels).last_hidden_state
+    assert ours.grid == (size // 64, size // 64)
+    assert rel_err(ours.pre_projector, theirs) < TOL
+    assert rel_err(ours.image_embeds, projector(theirs)) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tracks_fp32(dtype):
+    """Low-precision weights and activations; interpolations still computed in fp32 (2e-2 relative)."""
+    model = random_model(released_geometry_config())
+    pixels = torch.randn(1, 3, 640, 384)
+    with torch.no_grad():
+        reference = model.encode_views(pixels).image_embeds
+        low = model.to(dtype).encode_views(pixels.to(dtype)).image_embeds
+    assert low.dtype == dtype
+    assert rel_err(low.float(), reference) < 2e-2
