@@ -15,7 +15,9 @@ COMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepencoder", description="DeepSeek-OCR's vision tower: pages in, tokens out.")
+    parser = argparse.ArgumentParser(
+        prog="deepencoder", description="DeepSeek-OCR's vision tower: pages in, tokens out."
+    )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"deepencoder {__version__}")

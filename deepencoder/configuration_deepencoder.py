@@ -11,12 +11,24 @@ from typing import Any
 from transformers import PretrainedConfig
 
 SAM_PRESETS: dict[str, dict[str, Any]] = {
-    "vit_b": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-              "global_attn_indexes": [2, 5, 8, 11]},
-    "vit_l": {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16,
-              "global_attn_indexes": [5, 11, 17, 23]},
-    "vit_h": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16,
-              "global_attn_indexes": [7, 15, 23, 31]},
+    "vit_b": {
+        "hidden_size": 768,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "global_attn_indexes": [2, 5, 8, 11],
+    },
+    "vit_l": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "global_attn_indexes": [5, 11, 17, 23],
+    },
+    "vit_h": {
+        "hidden_size": 1280,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 16,
+        "global_attn_indexes": [7, 15, 23, 31],
+    },
 }
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -63,7 +64,9 @@ def candidate_grids(min_crops: int, max_crops: int) -> list[tuple[int, int]]:
     return sorted(grids, key=lambda grid: grid[0] * grid[1])
 
 
-def choose_tile_grid(width: int, height: int, tile_size: int, min_crops: int = 2, max_crops: int = 9) -> tuple[int, int]:
+def choose_tile_grid(
+    width: int, height: int, tile_size: int, min_crops: int = 2, max_crops: int = 9
+) -> tuple[int, int]:
     """(cols, rows) whose aspect ratio is closest to the page's; on a tie the later (larger) grid wins when the page's
     area exceeds half of that grid's area in pixels."""
     aspect = width / height

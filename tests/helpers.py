@@ -8,8 +8,14 @@ import torch
 from deepencoder import DeepEncoderConfig, DeepEncoderModel
 
 TINY_SAM = dict(
-    hidden_size=64, num_hidden_layers=4, num_attention_heads=2, global_attn_indexes=[1, 3], window_size=6,
-    image_size=256, out_channels=32, compressor_channels=[48, 64],
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    global_attn_indexes=[1, 3],
+    window_size=6,
+    image_size=256,
+    out_channels=32,
+    compressor_channels=[48, 64],
 )
 TINY_CLIP = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=56)
 
@@ -17,8 +23,9 @@ TINY_CLIP = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, int
 def tiny_config(**overrides) -> DeepEncoderConfig:
     sam = {**TINY_SAM, **overrides.pop("sam_config", {})}
     clip = {**TINY_CLIP, **overrides.pop("clip_config", {})}
-    return DeepEncoderConfig(sam_config=sam, clip_config=clip, projector_dim=overrides.pop("projector_dim", 80),
-                             **overrides)
+    return DeepEncoderConfig(
+        sam_config=sam, clip_config=clip, projector_dim=overrides.pop("projector_dim", 80), **overrides
+    )
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
@@ -80,15 +87,26 @@ def unlimited_ocr_reference(model: DeepEncoderModel):
     sam, clip = model.config.sam_config, model.config.clip_config
     config = UnlimitedOcrVisionConfig(
         sam_config=dict(
-            hidden_size=sam.hidden_size, output_channels=sam.out_channels, num_hidden_layers=sam.num_hidden_layers,
-            num_attention_heads=sam.num_attention_heads, image_size=sam.image_size, patch_size=sam.patch_size,
-            window_size=sam.window_size, global_attn_indexes=list(sam.global_attn_indexes), mlp_dim=sam.mlp_dim,
-            downsample_channels=list(sam.compressor_channels), layer_norm_eps=sam.layer_norm_eps,
+            hidden_size=sam.hidden_size,
+            output_channels=sam.out_channels,
+            num_hidden_layers=sam.num_hidden_layers,
+            num_attention_heads=sam.num_attention_heads,
+            image_size=sam.image_size,
+            patch_size=sam.patch_size,
+            window_size=sam.window_size,
+            global_attn_indexes=list(sam.global_attn_indexes),
+            mlp_dim=sam.mlp_dim,
+            downsample_channels=list(sam.compressor_channels),
+            layer_norm_eps=sam.layer_norm_eps,
         ),
         encoder_config=dict(
-            hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
-            num_hidden_layers=clip.num_hidden_layers, num_attention_heads=clip.num_attention_heads,
-            image_size=clip.image_size, patch_size=clip.patch_size, layer_norm_eps=clip.layer_norm_eps,
+            hidden_size=clip.hidden_size,
+            intermediate_size=clip.intermediate_size,
+            num_hidden_layers=clip.num_hidden_layers,
+            num_attention_heads=clip.num_attention_heads,
+            image_size=clip.image_size,
+            patch_size=clip.patch_size,
+            layer_norm_eps=clip.layer_norm_eps,
         ),
     )
     reference = UnlimitedOcrVisionModel(config).eval()
@@ -109,7 +127,7 @@ def to_deepseek_ocr(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         elif key.startswith("clip."):
             out["model.vision_model." + key[5:]] = value
         elif key.startswith("projector."):
-            out["model.projector.layers." + key[len("projector."):]] = value
+            out["model.projector.layers." + key[len("projector.") :]] = value
         elif key == "image_newline":
             out["model.image_newline"] = value
         elif key == "view_separator":

@@ -40,7 +40,12 @@ def test_default_config_is_the_released_tower():
     sam, clip = config.sam_config, config.clip_config
     assert (sam.hidden_size, sam.num_hidden_layers, sam.num_attention_heads, sam.window_size) == (768, 12, 12, 14)
     assert sam.global_attn_indexes == [2, 5, 8, 11] and sam.downsample == 64
-    assert (clip.hidden_size, clip.num_hidden_layers, clip.num_attention_heads, clip.num_positions) == (1024, 24, 16, 257)
+    assert (clip.hidden_size, clip.num_hidden_layers, clip.num_attention_heads, clip.num_positions) == (
+        1024,
+        24,
+        16,
+        257,
+    )
     assert config.join_dim == 2048 and config.projector_dim == 1280
     from deepencoder import DeepEncoderSamConfig
 
@@ -65,12 +70,15 @@ def write_deepseek_checkpoint(model, directory, extra_vision=None, drop=None):
         "lm_head.weight": torch.randn(1000, 80).bfloat16(),
     }
     keys = sorted(vision)
-    shard1 = {k: vision[k] for k in keys[: len(keys) // 2]} | {"model.embed_tokens.weight": language["model.embed_tokens.weight"]}
-    shard2 = {k: vision[k] for k in keys[len(keys) // 2:]} | {k: language[k] for k in language if k not in shard1}
+    shard1 = {k: vision[k] for k in keys[: len(keys) // 2]} | {
+        "model.embed_tokens.weight": language["model.embed_tokens.weight"]
+    }
+    shard2 = {k: vision[k] for k in keys[len(keys) // 2 :]} | {k: language[k] for k in language if k not in shard1}
     save_file(shard1, directory / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
     save_file(shard2, directory / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
     weight_map = {k: "model-00001-of-00002.safetensors" for k in shard1} | {
-        k: "model-00002-of-00002.safetensors" for k in shard2}
+        k: "model-00002-of-00002.safetensors" for k in shard2
+    }
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return directory
 
@@ -109,7 +117,9 @@ def test_cli_converts_deepseek_ocr(tmp_path):
     out = tmp_path / "converted"
     result = subprocess.run(
         [sys.executable, "-m", "deepencoder", "convert", "deepseek-ocr", str(source), str(out), "--dtype", "fp32"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "patch_embedding" in result.stdout  # reported as dropped
@@ -121,7 +131,9 @@ def test_cli_converts_deepseek_ocr(tmp_path):
     assert outputs_equal(loaded, reference, torch.randn(1, 3, 128, 128))
     missing = subprocess.run(
         [sys.executable, "-m", "deepencoder", "convert", "deepseek-ocr", str(tmp_path / "absent"), str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert missing.returncode != 0 and "absent" in missing.stderr
 

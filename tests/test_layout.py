@@ -8,15 +8,23 @@ from deepencoder.layout import count_tokens, layout_page
 
 
 def unlimited_ocr_full_reference(model):
+    from helpers import unlimited_ocr_reference
     from transformers.models.unlimited_ocr.configuration_unlimited_ocr import UnlimitedOcrConfig
     from transformers.models.unlimited_ocr.modeling_unlimited_ocr import UnlimitedOcrModel
 
-    from helpers import unlimited_ocr_reference
-
     vision, _ = unlimited_ocr_reference(model)
-    text = dict(vocab_size=32, hidden_size=model.config.projector_dim, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=2, n_routed_experts=2, num_experts_per_tok=1,
-                moe_intermediate_size=8, n_shared_experts=1)
+    text = dict(
+        vocab_size=32,
+        hidden_size=model.config.projector_dim,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_routed_experts=2,
+        num_experts_per_tok=1,
+        moe_intermediate_size=8,
+        n_shared_experts=1,
+    )
     config = UnlimitedOcrConfig(vision_config=vision.config.to_dict(), text_config=text)
     reference = UnlimitedOcrModel(config).eval()
     state = {f"vision_tower.{k}": v for k, v in to_unlimited_ocr(model.state_dict()).items()}

@@ -11,8 +11,14 @@ from PIL import Image, ImageOps
 from deepencoder import DeepEncoderImageProcessor
 from deepencoder.image_processing_deepencoder import choose_tile_grid
 
-MODES = {"tiny": (512, None), "small": (640, None), "base": (1024, None), "large": (1280, None),
-         "gundam": (1024, 640), "gundam-m": (1280, 1024)}
+MODES = {
+    "tiny": (512, None),
+    "small": (640, None),
+    "base": (1024, None),
+    "large": (1280, None),
+    "gundam": (1024, 640),
+    "gundam-m": (1280, 1024),
+}
 
 
 def page(width, height, seed=0):
@@ -35,22 +41,34 @@ def expected_tokens(mode, width, height, grid):
 @pytest.mark.parametrize("mode", list(MODES))
 def test_token_counts_sweep(mode):
     processor = DeepEncoderImageProcessor(mode=mode)
-    for width, height in [(300, 200), (640, 640), (641, 300), (800, 1200), (1700, 2200), (3000, 900), (1024, 1024),
-                          (1300, 1300), (500, 4000), (20000, 1)]:
+    for width, height in [
+        (300, 200),
+        (640, 640),
+        (641, 300),
+        (800, 1200),
+        (1700, 2200),
+        (3000, 900),
+        (1024, 1024),
+        (1300, 1300),
+        (500, 4000),
+        (20000, 1),
+    ]:
         plan = processor.plan(width, height)
         assert processor.num_image_tokens(width, height) == expected_tokens(mode, width, height, plan.tile_grid)
-    assert DeepEncoderImageProcessor(mode=mode).num_image_tokens(100, 100) == {
-        "tiny": 73, "small": 111, "base": 273, "large": 421, "gundam": 273, "gundam-m": 421}[mode]
+    assert (
+        DeepEncoderImageProcessor(mode=mode).num_image_tokens(100, 100)
+        == {"tiny": 73, "small": 111, "base": 273, "large": 421, "gundam": 273, "gundam-m": 421}[mode]
+    )
 
 
 @pytest.mark.parametrize(
     "size,grid",
     [
-        ((640, 1920), (1, 3)),   # tall 1:3
-        ((2000, 600), (3, 1)),   # wide 3.3:1 -> 3x1 is closest
+        ((640, 1920), (1, 3)),  # tall 1:3
+        ((2000, 600), (3, 1)),  # wide 3.3:1 -> 3x1 is closest
         ((1000, 1000), (2, 2)),  # square tie 2x2 vs 3x3: page area 1e6 < half of 3x3 tiles' area -> 2x2
         ((1500, 1500), (3, 3)),  # square tie: 2.25e6 > 0.5 * 640^2 * 9 -> the larger grid
-        ((1280, 960), (3, 2)),   # 4:3 itself needs 12 tiles > max 9; 3:2 is the closest allowed
+        ((1280, 960), (3, 2)),  # 4:3 itself needs 12 tiles > max 9; 3:2 is the closest allowed
         # aspect 1.077: 1x1 is not allowed (min 2 tiles); 2x2 and 3x3 tie and 455,000 px is below half of either
         # grid's area, so the first (2x2) stays
         ((700, 650), (2, 2)),
@@ -122,7 +140,7 @@ def test_model_output_length_equals_processor_count(mode):
 def test_any_image_mode_becomes_rgb(mode_name):
     rgb = page(64, 48)
     if mode_name == "I;16":
-        image = Image.fromarray((np.asarray(rgb.convert("L"), dtype=np.uint16) * 257))
+        image = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
         assert image.mode == "I;16"
     elif mode_name == "F":
         image = Image.fromarray(np.asarray(rgb.convert("L"), dtype=np.float32))

@@ -19,10 +19,18 @@ def sam_reference(sam_config, img_size):
     from segment_anything.modeling import ImageEncoderViT
 
     return ImageEncoderViT(
-        img_size=img_size, patch_size=sam_config.patch_size, embed_dim=sam_config.hidden_size,
-        depth=sam_config.num_hidden_layers, num_heads=sam_config.num_attention_heads, mlp_ratio=sam_config.mlp_ratio,
-        out_chans=sam_config.out_channels, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-        use_rel_pos=True, window_size=sam_config.window_size, global_attn_indexes=sam_config.global_attn_indexes,
+        img_size=img_size,
+        patch_size=sam_config.patch_size,
+        embed_dim=sam_config.hidden_size,
+        depth=sam_config.num_hidden_layers,
+        num_heads=sam_config.num_attention_heads,
+        mlp_ratio=sam_config.mlp_ratio,
+        out_chans=sam_config.out_channels,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=True,
+        window_size=sam_config.window_size,
+        global_attn_indexes=sam_config.global_attn_indexes,
     ).eval()
 
 
@@ -73,9 +81,13 @@ def hf_clip_reference(config: DeepEncoderClipConfig, ours: DeepEncoderClipModel)
 
     reference = CLIPVisionModel(
         CLIPVisionConfig(
-            hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-            image_size=config.image_size, patch_size=config.patch_size, hidden_act="quick_gelu",
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            num_attention_heads=config.num_attention_heads,
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            hidden_act="quick_gelu",
             layer_norm_eps=config.layer_norm_eps,
         )
     ).eval()
@@ -90,7 +102,9 @@ def hf_clip_reference(config: DeepEncoderClipConfig, ours: DeepEncoderClipModel)
     # transformers 5 flattens CLIPVisionModel (no `vision_model.` level)
     missing, unexpected = reference.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {
-        "embeddings.patch_embedding.weight", "post_layernorm.weight", "post_layernorm.bias",
+        "embeddings.patch_embedding.weight",
+        "post_layernorm.weight",
+        "post_layernorm.bias",
         "embeddings.position_ids",
     }, (missing, unexpected)
     return reference
@@ -107,9 +121,7 @@ def test_clip_layers_match_transformers_clip(real_size):
     with torch.no_grad():
         embeddings = clip.embeddings(sam_features)
         ours = clip(sam_features)
-        theirs = reference.encoder(
-            inputs_embeds=reference.pre_layrnorm(embeddings)
-        ).last_hidden_state
+        theirs = reference.encoder(inputs_embeds=reference.pre_layrnorm(embeddings)).last_hidden_state
         # transformers' own embeddings (with its position table) agree with ours at the native grid
         cls = reference.embeddings.class_embedding.expand(2, 1, -1)
         tokens = torch.cat([cls, sam_features.flatten(2).transpose(1, 2)], dim=1)

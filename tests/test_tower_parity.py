@@ -32,7 +32,9 @@ def test_eager_equals_sdpa_paths(monkeypatch):
     outs = {}
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
     for implementation in ("eager", "sdpa"):
         for mode in ("folded", "mask"):
             config = tiny_config(sam_config={"rel_pos_attention": mode}, attn_implementation=implementation)
