@@ -45,12 +45,20 @@ class DeepEncoderOutput(ModelOutput):
     tile_embeds: (T, th*tw, D) projected tile tokens of all pages, or None.
     pre_projector: same structure as image_embeds but 2048-d join features without newline/separator tokens
         (per page: tiles then global view, row-major), when `output_pre_projector=True`.
+    sam_hidden_states / clip_hidden_states: with `output_hidden_states=True`, the global views' per-block states
+        (SAM: patch embedding + each block, (B, H/16, W/16, C); CLIP: after pre_layrnorm + each layer,
+        (B, 1 + h*w, C)); each entry a tensor when all pages share the grid, else a list with one (1, ...) tensor
+        per page. tile_sam_hidden_states / tile_clip_hidden_states: the same for all tiles, (T, ...), or None.
     """
 
     image_embeds: list[torch.Tensor] | None = None
     global_embeds: torch.Tensor | list[torch.Tensor] | None = None
     tile_embeds: torch.Tensor | None = None
     pre_projector: list[torch.Tensor] | None = None
+    sam_hidden_states: tuple | None = None
+    clip_hidden_states: tuple | None = None
+    tile_sam_hidden_states: tuple[torch.Tensor, ...] | None = None
+    tile_clip_hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class DeepEncoderPreTrainedModel(PreTrainedModel):
@@ -131,10 +139,14 @@ class DeepEncoderModel(DeepEncoderPreTrainedModel):
         )
 
     def _encode_globals(
-        self, pixel_values: torch.Tensor | Sequence[torch.Tensor], output_pre_projector: bool
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[tuple[int, int]]]:
+        self,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor],
+        output_pre_projector: bool,
+        output_hidden_states: bool = False,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[tuple[int, int]], tuple | None, tuple | None]:
         """Global views, one batched pass per distinct size. Returns per page: projected tokens (h*w, D),
-        pre-projector features (h*w, 2048) or None, and the (h, w) grid."""
+        pre-projector features (h*w, 2048) or None, and the (h, w) grid; then the SAM and CLIP hidden states
+        (see `DeepEncoderOutput`) or None."""
         if isinstance(pixel_values, torch.Tensor):
             groups = [(list(range(pixel_values.shape[0])), pixel_values)]
         else:
@@ -149,13 +161,24 @@ class DeepEncoderModel(DeepEncoderPreTrainedModel):
         embeds: list = [None] * count
         pre: list = [None] * count
         grids: list = [None] * count
+        states: dict[str, list] = {"sam": [None] * count, "clip": [None] * count}
         for indices, views in groups:
-            out = self.encode_views(views, output_pre_projector=output_pre_projector)
+            out = self.encode_views(
+                views, output_pre_projector=output_pre_projector, output_hidden_states=output_hidden_states
+            )
             for position, i in enumerate(indices):
                 embeds[i] = out.image_embeds[position]
                 pre[i] = out.pre_projector[position] if output_pre_projector else None
                 grids[i] = out.grid
-        return embeds, pre, grids
+                if output_hidden_states:
+                    states["sam"][i] = [h[position : position + 1] for h in out.sam_hidden_states]
+                    states["clip"][i] = [h[position : position + 1] for h in out.clip_hidden_states]
+        if not output_hidden_states:
+            return embeds, pre, grids, None, None
+        if len(groups) == 1:  # one size: keep the batched tensors
+            return embeds, pre, grids, out.sam_hidden_states, out.clip_hidden_states
+        per_block = {k: tuple(list(layer) for layer in zip(*pages)) for k, pages in states.items()}
+        return embeds, pre, grids, per_block["sam"], per_block["clip"]
 
     def forward(
         self,
@@ -164,6 +187,7 @@ class DeepEncoderModel(DeepEncoderPreTrainedModel):
         tile_grids: Sequence[Sequence[int]] | None = None,
         output_pre_projector: bool = False,
         return_dict: bool = True,
+        output_hidden_states: bool = False,
         **kwargs,
     ) -> DeepEncoderOutput | tuple:
         """pixel_values: (B, 3, S, S) global views, or a list of (3, H, W) views of different sizes (`native`);
@@ -185,12 +209,17 @@ class DeepEncoderModel(DeepEncoderPreTrainedModel):
                 f"pixel_values_tiles has {pixel_values_tiles.shape[0]} tiles, tile_grids asks for {total_tiles}"
             )
 
-        global_embeds, global_pre, global_grids = self._encode_globals(pixel_values, output_pre_projector)
+        global_embeds, global_pre, global_grids, sam_states, clip_states = self._encode_globals(
+            pixel_values, output_pre_projector, output_hidden_states
+        )
+        tiles_out = None
         tile_batch = None
         tile_embeds: list = [None] * batch
         tile_pre: list = [None] * batch
         if total_tiles:
-            tiles_out = self.encode_views(pixel_values_tiles, output_pre_projector=output_pre_projector)
+            tiles_out = self.encode_views(
+                pixel_values_tiles, output_pre_projector=output_pre_projector, output_hidden_states=output_hidden_states
+            )
             tile_batch = tiles_out.image_embeds  # (T, th*tw, D)
             tile_embeds = [t if n else None for t, n in zip(tile_batch.split(counts), counts)]
             if output_pre_projector:
@@ -214,5 +243,30 @@ class DeepEncoderModel(DeepEncoderPreTrainedModel):
             global_embeds=torch.stack(global_embeds) if same_grid else global_embeds,
             tile_embeds=tile_batch,
             pre_projector=pre,
+            sam_hidden_states=sam_states,
+            clip_hidden_states=clip_states,
+            tile_sam_hidden_states=tiles_out.sam_hidden_states if tiles_out is not None else None,
+            tile_clip_hidden_states=tiles_out.clip_hidden_states if tiles_out is not None else None,
         )
         return output if return_dict else output.to_tuple()
+
+    # ------------------------------------------------------------------ training
+    def freeze(self, *targets: str, blocks: Sequence[int] | range | None = None) -> int:
+        """Stop gradients for parts of the tower: `freeze("sam")`, `freeze("clip", "projector")`,
+        `freeze("sam.blocks.0-5")`, `freeze("sam", blocks=range(6))`, `freeze()` (everything). Targets are listed
+        in `deepencoder.training.freezing`. Returns the number of tensors changed."""
+        from .training.freezing import freeze
+
+        return freeze(self, *targets, blocks=blocks)
+
+    def unfreeze(self, *targets: str, blocks: Sequence[int] | range | None = None) -> int:
+        """Inverse of `freeze`, same targets."""
+        from .training.freezing import unfreeze
+
+        return unfreeze(self, *targets, blocks=blocks)
+
+    def trainable_summary(self):
+        """Trainable / total parameters per part (`print()` it for a table)."""
+        from .training.freezing import trainable_summary
+
+        return trainable_summary(self)

@@ -1,0 +1,242 @@
+"""Training data: synthetic text pages rendered with Pillow, (image, text) folders, the encode pipeline's manifest.
+
+Every dataset is a `torch.utils.data.Dataset` of dicts: `{"image": PIL.Image, "text": str}` (pages) or
+`{"image_embeds": (N, D) tensor, "text": str}` (precomputed tower tokens from the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import Dataset
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+
+# A small built-in vocabulary so the generator needs no corpus download.
+WORDS: tuple[str, ...] = tuple(
+    """the of and to in is was for on that with as by at from his her it an be are this which or had not but were
+    have one all their they new can more page text line word paper letter table figure total report date name
+    number order price value market water north south east west house school river city world year month day time
+    first second third small large black white green red blue light dark open close start end read write model
+    data image vision token layer block window patch scale page note index chapter section summary result method""".split()
+)
+
+
+def load_font(size: int, font: str | os.PathLike | None = None) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """A TrueType font at `size` px: `font` (path or name Pillow can find) when given, else Pillow's bundled
+    default font (no system fonts or downloads needed)."""
+    if font is not None:
+        return ImageFont.truetype(str(font), size)
+    return ImageFont.load_default(size=size)
+
+
+def render_page(
+    text: str,
+    size: tuple[int, int] = (256, 256),
+    font_size: int = 20,
+    font: str | os.PathLike | None = None,
+    margin: int = 8,
+    line_spacing: float = 1.25,
+    ink: int = 0,
+    paper: int = 255,
+) -> Image.Image:
+    """Render `text` (lines separated by `\\n`, each wrapped at the page width) onto a white RGB page."""
+    image = Image.new("RGB", size, (paper,) * 3)
+    draw = ImageDraw.Draw(image)
+    face = load_font(font_size, font)
+    y = margin
+    step = int(font_size * line_spacing)
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}".strip()
+            if line and draw.textlength(candidate, font=face) > size[0] - 2 * margin:
+                draw.text((margin, y), line, fill=(ink,) * 3, font=face)
+                y += step
+                line = word
+            else:
+                line = candidate
+        draw.text((margin, y), line, fill=(ink,) * 3, font=face)
+        y += step
+    return image
+
+
+class SyntheticPages(Dataset):
+    """`num_samples` pages of random lines of words, rendered deterministically from `seed` and the index.
+
+    Args:
+        num_samples: dataset length.
+        size: (width, height) of the rendered page.
+        lines: (min, max) number of lines per page.
+        words_per_line: (min, max) words per line.
+        font_size: (min, max) font size in px.
+        words: vocabulary to draw from (`WORDS` by default).
+        font: TrueType font path or name; Pillow's default font when None.
+    """
+
+    def __init__(
+        self,
+        num_samples: int = 64,
+        size: tuple[int, int] | Sequence[int] = (256, 256),
+        lines: tuple[int, int] | Sequence[int] = (1, 3),
+        words_per_line: tuple[int, int] | Sequence[int] = (1, 4),
+        font_size: tuple[int, int] | Sequence[int] = (18, 26),
+        words: Sequence[str] = WORDS,
+        font: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.num_samples = num_samples
+        self.size = (int(size[0]), int(size[1]))
+        self.lines, self.words_per_line, self.font_size = tuple(lines), tuple(words_per_line), tuple(font_size)
+        self.words = list(words)
+        self.font = font
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def text(self, index: int) -> str:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        return "\n".join(
+            " ".join(rng.choice(self.words) for _ in range(rng.randint(*self.words_per_line)))
+            for _ in range(rng.randint(*self.lines))
+        )
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(index)
+        text = self.text(index)
+        font_size = random.Random(self.seed * 7919 + index).randint(*self.font_size)
+        return {"image": render_page(text, self.size, font_size, self.font), "text": text}
+
+
+class ImageTextFolder(Dataset):
+    """Pages in a folder (recursively): each image `name.png|jpg|...` paired with the text in `name.txt` beside it.
+    Images without a text file are skipped; an empty folder raises."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        from ..image_processing_deepencoder import load_image
+
+        self._load_image = load_image
+        self.root = Path(root)
+        self.items = [
+            (path, path.with_suffix(".txt"))
+            for path in sorted(self.root.rglob("*"))
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.with_suffix(".txt").is_file()
+        ]
+        if not self.items:
+            raise ValueError(f"{self.root}: no image with a sidecar .txt file found")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        image_path, text_path = self.items[index]
+        return {"image": self._load_image(image_path), "text": text_path.read_text(encoding="utf-8").strip()}
+
+
+class ManifestTokens(Dataset):
+    """Precomputed tower tokens from `deepencoder encode`'s `manifest.jsonl`, paired with text.
+
+    Manifest rows have `source, page, status, tokens, output, key, mode, grid, size, seconds, error`; a row is used
+    when `status == "ok"` (or `"done"`/`"skipped-existing"`) and `error` is empty. Its tokens are tensor `key`
+    (`page.<i>`, (tokens, D)) of the safetensors file `output` (relative paths are taken from the manifest's
+    folder). The text of a page comes from, in order:
+
+    1. a `text` field of the row;
+    2. `texts`: a JSONL sidecar of `{"source": ..., "page": ..., "text": ...}` rows (source as in the manifest);
+    3. a `.txt` file beside the source: `<source stem>.txt` for page 0 of a one-page source, or
+       `<source stem>.page<i>.txt` (i as in the manifest's `page` field).
+
+    Pages without text are skipped and counted in `self.skipped`.
+    """
+
+    OK_STATUS = ("ok", "done", "skipped-existing", "exists")
+
+    def __init__(self, manifest: str | os.PathLike, texts: str | os.PathLike | None = None) -> None:
+        self.manifest = Path(manifest)
+        base = self.manifest.parent
+        sidecar: dict[tuple[str, int], str] = {}
+        if texts is not None:
+            for line in Path(texts).read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    sidecar[(str(row["source"]), int(row["page"]))] = row["text"]
+        self.items: list[tuple[Path, str, str]] = []
+        self.skipped = 0
+        for line in self.manifest.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if row.get("error") or str(row.get("status", "ok")) not in self.OK_STATUS:
+                continue
+            text = row.get("text") or sidecar.get((str(row["source"]), int(row.get("page", 0))))
+            if text is None:
+                text = self._text_beside_source(Path(row["source"]), int(row.get("page", 0)), base)
+            if text is None:
+                self.skipped += 1
+                continue
+            output = Path(row["output"])
+            self.items.append((output if output.is_absolute() else base / output, row["key"], text))
+        if not self.items:
+            raise ValueError(f"{self.manifest}: no successful page with text ({self.skipped} without text)")
+
+    @staticmethod
+    def _text_beside_source(source: Path, page: int, base: Path) -> str | None:
+        source = source if source.is_absolute() else base / source
+        for candidate in (
+            source.with_name(f"{source.stem}.page{page}.txt"),
+            source.with_suffix(".txt") if page == 0 else None,
+        ):
+            if candidate is not None and candidate.is_file():
+                return candidate.read_text(encoding="utf-8").strip()
+        return None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        from safetensors import safe_open
+
+        path, key, text = self.items[index]
+        with safe_open(str(path), framework="pt") as handle:
+            tokens = handle.get_tensor(key)
+        return {"image_embeds": tokens, "text": text}
+
+
+def build_dataset(kind: str, **kwargs) -> Dataset:
+    """`synthetic` -> `SyntheticPages(**kwargs)`, `folder` -> `ImageTextFolder(root)`,
+    `manifest` -> `ManifestTokens(manifest, texts)`."""
+    if kind == "synthetic":
+        return SyntheticPages(**kwargs)
+    if kind == "folder":
+        return ImageTextFolder(kwargs["root"])
+    if kind == "manifest":
+        return ManifestTokens(kwargs["manifest"], kwargs.get("texts"))
+    raise ValueError(f"unknown dataset kind {kind!r}; choose synthetic | folder | manifest")
+
+
+def pixel_batch(images: Sequence[Image.Image], processor) -> dict:
+    """Pages -> the tower's inputs through a `DeepEncoderImageProcessor` (pixel_values, tiles, tile_grids)."""
+    inputs = processor(images=list(images), return_tensors="pt")
+    batch = {"pixel_values": inputs["pixel_values"], "tile_grids": inputs["tile_grids"]}
+    if inputs.get("pixel_values_tiles") is not None:
+        batch["pixel_values_tiles"] = inputs["pixel_values_tiles"]
+    return batch
+
+
+def stack_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """Pages resized to size x size, scaled to [-1, 1] as the processor does: (B, 3, size, size)."""
+    import numpy as np
+
+    arrays = [
+        np.asarray(image.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.float32) for image in images
+    ]
+    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return (pixels / 255.0 - 0.5) / 0.5
