@@ -219,17 +219,27 @@ class Trainer:
         device = self.accelerator.device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def train_step(self, batch: dict) -> float:
+    def forward_backward(self, batch: dict) -> torch.Tensor:
+        """Loss of this process's share and its backward; under DDP the gradients are then the global mean."""
         self.model.train()
         with self.accelerator.autocast():
             loss = self.loss_fn(self.model, batch)
         self.accelerator.backward(loss)
+        return loss.detach()
+
+    def optimizer_step(self) -> None:
+        """Clip, step optimizer and scheduler, clear the gradients."""
         if self.config.optim.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.optim.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.accelerator.reduce(loss.detach().float(), "mean").item()
+
+    def train_step(self, batch: dict) -> float:
+        """One optimizer step; returns the loss averaged over processes."""
+        loss = self.forward_backward(batch)
+        self.optimizer_step()
+        return self.accelerator.reduce(loss.float(), "mean").item()
 
     def train(self, max_steps: int | None = None) -> list[tuple[int, float]]:
         """Train up to `max_steps` (default `config.max_steps`) total steps, saving every `save_every` steps and at
