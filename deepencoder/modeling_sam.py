@@ -17,6 +17,8 @@ from .configuration_deepencoder import DeepEncoderSamConfig
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 REL_POS_MODES = ("folded", "mask")
+# entries per view (batch element) of the additive-mask block `masked_rel_pos_attention` builds at once (64 MB fp32)
+MASK_ELEMENTS_PER_VIEW = 2**24
 
 
 def resize_abs_pos(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -89,6 +91,8 @@ def folded_rel_pos_attention(
     q' = [q * scale, rel_h, rel_w] and k' = [k, onehot(row(k)), onehot(col(k))] give
     q'.k' = scale q.k + rel_h[row(k)] + rel_w[col(k)], exactly the biased logits; SDPA then runs mask-free with
     scale 1. query/key/value: (B, heads, N, hd); rel_h: (B, heads, N, H); rel_w: (B, heads, N, W).
+    `value` is zero-padded to the width of q'/k' (and the output sliced back): fused SDPA kernels such as PyTorch's
+    CPU flash kernel need one head size for q, k and v and otherwise fall back to the unfused math path.
     """
     batch, heads, n, head_dim = key.shape
     height, width = rel_h.shape[-1], rel_w.shape[-1]
@@ -96,11 +100,42 @@ def folded_rel_pos_attention(
     cols = torch.arange(width, device=key.device).repeat(height)
     onehot_h = F.one_hot(rows, height).to(key.dtype)  # (N, H)
     onehot_w = F.one_hot(cols, width).to(key.dtype)  # (N, W)
-    q_ext = torch.cat([query * scale, rel_h, rel_w], dim=-1)
-    k_ext = torch.cat(
-        [key, onehot_h.expand(batch, heads, n, height), onehot_w.expand(batch, heads, n, width)], dim=-1
-    )
-    return F.scaled_dot_product_attention(q_ext, k_ext, value, scale=1.0)
+    q_ext = torch.cat([query * scale, rel_h, rel_w], dim=-1)  # (B, heads, N, hd + H + W)
+    k_ext = torch.cat([key, onehot_h.expand(batch, heads, n, height), onehot_w.expand(batch, heads, n, width)], dim=-1)
+    v_ext = F.pad(value, (0, height + width))  # (B, heads, N, hd + H + W)
+    return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :head_dim]
+
+
+def masked_rel_pos_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    mask_elements_per_view: int = MASK_ELEMENTS_PER_VIEW,
+) -> torch.Tensor:
+    """SDPA with the decomposed bias as an additive mask, built one block of query rows at a time.
+
+    query/key/value: (B, heads, N, hd); rel_h: (B, heads, N, H); rel_w: (B, heads, N, W) -> (B, heads, N, hd).
+    Each block's mask (B, heads, rows, N) holds at most `mask_elements_per_view` entries per batch element, so
+    the full (B, heads, N, N) mask (805 MB per global block of a 1024 px page in fp32) never exists; every block
+    still runs the fused kernel over all keys, so the result equals the one-shot masked call. The block size
+    depends on the view's shape only, not on the batch size (a dynamic batch exports and compiles as one graph).
+    """
+    _, heads, n, _ = query.shape
+    rows = max(1, min(n, mask_elements_per_view // (heads * n)))
+    if rows >= n:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=rel_pos_mask(rel_h, rel_w))
+    outputs = [
+        F.scaled_dot_product_attention(
+            query[:, :, start : start + rows],
+            key,
+            value,
+            attn_mask=rel_pos_mask(rel_h[:, :, start : start + rows], rel_w[:, :, start : start + rows]),
+        )
+        for start in range(0, n, rows)
+    ]
+    return torch.cat(outputs, dim=2)
 
 
 class SamAttention(nn.Module):
@@ -140,7 +175,7 @@ class SamAttention(nn.Module):
         elif self.config.rel_pos_attention == "folded":
             out = folded_rel_pos_attention(query, key, value, rel_h, rel_w, self.scale)
         else:
-            out = F.scaled_dot_product_attention(query, key, value, attn_mask=rel_pos_mask(rel_h, rel_w))
+            out = masked_rel_pos_attention(query, key, value, rel_h, rel_w)
 
         out = out.transpose(1, 2).reshape(batch, height, width, -1)  # (B, H, W, C)
         return self.proj(out)
@@ -253,8 +288,7 @@ class DeepEncoderSamModel(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, config.hidden_size))
         global_blocks = set(config.global_attn_indexes)
         self.blocks = nn.ModuleList(
-            SamBlock(config, 0 if i in global_blocks else config.window_size)
-            for i in range(config.num_hidden_layers)
+            SamBlock(config, 0 if i in global_blocks else config.window_size) for i in range(config.num_hidden_layers)
         )
         out = config.out_channels
         self.neck = nn.Sequential(
@@ -270,7 +304,9 @@ class DeepEncoderSamModel(nn.Module):
 
     def _check_input(self, pixel_values: torch.Tensor) -> None:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.config.num_channels:
-            raise ValueError(f"pixel_values must be (B, {self.config.num_channels}, H, W), got {tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be (B, {self.config.num_channels}, H, W), got {tuple(pixel_values.shape)}"
+            )
         step = self.config.downsample
         if pixel_values.shape[-2] % step or pixel_values.shape[-1] % step:
             raise ValueError(

@@ -1,0 +1,202 @@
+"""The ways of running the tower that the benchmark compares, all on the same weights.
+
+Each builder takes (state_dict, config, device, dtype) and returns `encode(global_views, tiles) -> tokens`:
+global_views (B, 3, S, S), tiles (T, 3, t, t) or None -> (B * h*w + T * th*tw, projector_dim) projected tokens,
+global views first. Our paths go through `DeepEncoderModel.forward` (batching, layout included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepencoder import DeepEncoderConfig, DeepEncoderModel
+from deepencoder.modeling_sam import resize_abs_pos
+
+Encode = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def _ours(state_dict, config: DeepEncoderConfig, device, dtype, *, attn="sdpa", rel_pos=None, compile=False) -> Encode:
+    config = DeepEncoderConfig.from_dict(config.to_dict())
+    if rel_pos is not None:
+        config.sam_config.rel_pos_attention = rel_pos
+    config._attn_implementation = attn
+    config.sam_config._attn_implementation = attn
+    config.clip_config._attn_implementation = attn
+    with torch.device("meta"):
+        model = DeepEncoderModel(config)
+    model.load_state_dict(state_dict, assign=True, strict=True)
+    model = model.to(device=device, dtype=dtype).eval()
+    if compile:
+        model.compile()
+
+    def encode(global_views, tiles):
+        grids = None
+        if tiles is not None:
+            per_page = tiles.shape[0] // global_views.shape[0]
+            grids = [(per_page, 1)] * global_views.shape[0]  # only the count matters to the tower
+        out = model(global_views, pixel_values_tiles=tiles, tile_grids=grids)
+        parts = [out.global_embeds.flatten(0, 1)]
+        if out.tile_embeds is not None:
+            parts.append(out.tile_embeds.flatten(0, 1))
+        return torch.cat(parts)
+
+    return encode
+
+
+def _transformers(state_dict, config: DeepEncoderConfig, device, dtype) -> Encode:
+    """transformers' `UnlimitedOcrVisionModel` (SDPA) + a 2048 -> 1280 Linear."""
+    from transformers.models.unlimited_ocr.configuration_unlimited_ocr import UnlimitedOcrVisionConfig
+    from transformers.models.unlimited_ocr.modeling_unlimited_ocr import UnlimitedOcrVisionModel
+
+    sam, clip = config.sam_config, config.clip_config
+    reference_config = UnlimitedOcrVisionConfig(
+        sam_config=dict(
+            hidden_size=sam.hidden_size, output_channels=sam.out_channels, num_hidden_layers=sam.num_hidden_layers,
+            num_attention_heads=sam.num_attention_heads, image_size=sam.image_size, patch_size=sam.patch_size,
+            window_size=sam.window_size, global_attn_indexes=list(sam.global_attn_indexes), mlp_dim=sam.mlp_dim,
+            downsample_channels=list(sam.compressor_channels), layer_norm_eps=sam.layer_norm_eps,
+        ),
+        encoder_config=dict(
+            hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
+            num_hidden_layers=clip.num_hidden_layers, num_attention_heads=clip.num_attention_heads,
+            image_size=clip.image_size, patch_size=clip.patch_size, layer_norm_eps=clip.layer_norm_eps,
+        ),
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    reference = UnlimitedOcrVisionModel(reference_config)
+    neck = {"0": "conv1", "1": "layer_norm1", "2": "conv2", "3": "layer_norm2"}
+    mapped = {}
+    for key, value in state_dict.items():
+        if key.startswith("sam."):
+            k = key[4:].replace("patch_embed.proj.", "patch_embed.projection.").replace("blocks.", "layers.")
+            k = k.replace(".norm1.", ".layer_norm1.").replace(".norm2.", ".layer_norm2.")
+            if k.startswith("neck."):
+                index, rest = k[5:].split(".", 1)
+                k = f"neck.{neck[index]}.{rest}"
+            mapped["sam_encoder." + k.replace("net_2.", "proj.conv1.").replace("net_3.", "proj.conv2.")] = value
+        elif key.startswith("clip."):
+            k = "vision_encoder." + key[5:].replace("transformer.layers.", "encoder.layers.")
+            if ".qkv_proj." in k:
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                    mapped[k.replace("qkv_proj", name)] = part
+            else:
+                mapped[k] = value
+    missing, unexpected = reference.load_state_dict(mapped, strict=False)
+    if unexpected or set(missing) - {"vision_encoder.embeddings.patch_embedding.weight"}:
+        raise RuntimeError(f"unmapped weights: missing {missing}, unexpected {unexpected}")
+    projector = _projector(state_dict, config)
+    reference = reference.to(device=device, dtype=dtype).eval()
+    projector = projector.to(device=device, dtype=dtype)
+
+    def encode(global_views, tiles):
+        parts = [projector(reference(global_views).last_hidden_state).flatten(0, 1)]
+        if tiles is not None:
+            parts.append(projector(reference(tiles).last_hidden_state).flatten(0, 1))
+        return torch.cat(parts)
+
+    return encode
+
+
+def _projector(state_dict, config: DeepEncoderConfig) -> nn.Linear:
+    projector = nn.Linear(config.join_dim, config.projector_dim, bias=config.projector_bias)
+    projector.load_state_dict({k[len("projector.") :]: v for k, v in state_dict.items() if k.startswith("projector.")})
+    return projector
+
+
+def _segment_anything_clip(state_dict, config: DeepEncoderConfig, device, dtype) -> Encode:
+    """segment-anything's `ImageEncoderViT` + the two compressor convs, feeding transformers' `CLIPEncoder`
+    (CLS, position table and `pre_layrnorm` from our embedding module: they are additions, not compute)."""
+    from segment_anything.modeling import ImageEncoderViT
+    from transformers import CLIPVisionConfig
+    from transformers.models.clip.modeling_clip import CLIPEncoder
+
+    sam, clip = config.sam_config, config.clip_config
+    sam_state = {k[4:]: v for k, v in state_dict.items() if k.startswith("sam.") and not k.startswith("sam.net_")}
+    encoders: dict[tuple[int, int], nn.Module] = {}
+
+    def sam_encoder(height: int, width: int) -> nn.Module:
+        """segment-anything fixes the input size at construction: one encoder per view size, its position
+        embedding resized as this tower resizes it and the global blocks' rel-pos tables as segment-anything's own
+        `get_rel_pos` would at run time (linear)."""
+        if height != width:
+            raise ValueError("segment-anything's ImageEncoderViT takes square inputs")
+        if (height, width) not in encoders:
+            encoder = ImageEncoderViT(
+                img_size=height, patch_size=sam.patch_size, embed_dim=sam.hidden_size, depth=sam.num_hidden_layers,
+                num_heads=sam.num_attention_heads, mlp_ratio=sam.mlp_ratio, out_chans=sam.out_channels,
+                qkv_bias=sam.qkv_bias, norm_layer=partial(nn.LayerNorm, eps=sam.layer_norm_eps),
+                use_rel_pos=sam.use_rel_pos, window_size=sam.window_size,
+                global_attn_indexes=list(sam.global_attn_indexes),
+            )  # fmt: skip
+            grid = height // sam.patch_size
+            state = dict(sam_state)
+            state["pos_embed"] = resize_abs_pos(state["pos_embed"], grid, grid)
+            for key, value in sam_state.items():
+                target = encoder.state_dict()[key].shape
+                if "rel_pos" in key and value.shape != target:
+                    state[key] = F.interpolate(value.float().t()[None], size=target[0], mode="linear")[0].t()
+            encoder.load_state_dict(state, strict=True)
+            encoders[height, width] = encoder.to(device=device, dtype=dtype).eval()
+        return encoders[height, width]
+
+    channels = [sam.out_channels, *sam.compressor_channels]
+    compressor = nn.Sequential(
+        *(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False) for cin, cout in zip(channels[:-1], channels[1:]))
+    )
+    compressor.load_state_dict(
+        {f"{i}.weight": state_dict[f"sam.net_{i + 2}.weight"] for i in range(len(sam.compressor_channels))}
+    )
+    clip_config = CLIPVisionConfig(
+        hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
+        num_hidden_layers=clip.num_hidden_layers, num_attention_heads=clip.num_attention_heads,
+        hidden_act=clip.hidden_act, layer_norm_eps=clip.layer_norm_eps, attn_implementation="sdpa",
+    )  # fmt: skip
+    clip_encoder = CLIPEncoder(clip_config)
+    clip_state = {}
+    for key, value in state_dict.items():
+        if key.startswith("clip.transformer.layers."):
+            k = key[len("clip.transformer.") :]
+            if ".qkv_proj." in k:
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                    clip_state[k.replace("qkv_proj", name)] = part
+            else:
+                clip_state[k] = value
+    clip_encoder.load_state_dict(clip_state, strict=True)
+    with torch.device("meta"):
+        ours = DeepEncoderModel(config)  # only its CLIP embeddings and pre-LayerNorm are used
+    ours.load_state_dict(state_dict, assign=True, strict=True)
+    embeddings, pre_layrnorm = ours.clip.embeddings, ours.clip.pre_layrnorm
+    modules = nn.ModuleList([compressor, clip_encoder, embeddings, pre_layrnorm, _projector(state_dict, config)])
+    modules.to(device=device, dtype=dtype).eval()
+    projector = modules[4]
+
+    def run(views):
+        sam_features = compressor(sam_encoder(*views.shape[-2:])(views))  # (B, 1024, h, w)
+        hidden = clip_encoder(inputs_embeds=pre_layrnorm(embeddings(sam_features))).last_hidden_state
+        joined = torch.cat([hidden[:, 1:], sam_features.flatten(2).transpose(1, 2)], dim=-1)
+        return projector(joined).flatten(0, 1)
+
+    def encode(global_views, tiles):
+        parts = [run(global_views)]
+        if tiles is not None:
+            parts.append(run(tiles))
+        return torch.cat(parts)
+
+    return encode
+
+
+# name -> (builder, description); the first entry is this library's default path
+PATHS: dict[str, tuple[Callable[..., Encode], str]] = {
+    "ours": (_ours, "deepencoder, default config (SDPA)"),
+    "ours-folded": (partial(_ours, rel_pos="folded"), "deepencoder, SDPA, rel-pos folded into q/k"),
+    "ours-mask": (partial(_ours, rel_pos="mask"), "deepencoder, SDPA, rel-pos as blocked additive mask"),
+    "ours-eager": (partial(_ours, attn="eager"), "deepencoder, eager attention (plain reference path)"),
+    "ours-compile": (partial(_ours, compile=True), "deepencoder, default config + model.compile()"),
+    "transformers": (_transformers, "transformers UnlimitedOcrVisionModel (SDPA) + Linear projector"),
+    "sam+clip": (_segment_anything_clip, "segment-anything ImageEncoderViT + convs -> transformers CLIPEncoder"),
+}

@@ -1,0 +1,380 @@
+"""Tower benchmark: pages/s, tokens/s, achieved GFLOP/s, fraction of the measured matmul peak and peak memory per
+resolution mode, batch size and way of running the tower (this library's paths and the peers in `peers.py`), with
+outputs compared on shared random weights.
+
+    python -m benchmarks.tower --device cpu --dtype fp32 [--quick] [--paths ours,transformers] [--modes base]
+
+Every (path, mode) runs in a fresh subprocess (batch sizes ascending), so the CPU peak RSS it reports is that
+configuration's own. Results: benchmarks/results/tower-<device>-<dtype>.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deepencoder import DeepEncoderConfig, DeepEncoderModel
+from deepencoder.layout import count_tokens
+
+RESULTS = Path(__file__).parent / "results"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2, "fp16": 2e-2}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A page: one global view of `size` px and `tiles` tiles of `tile_size` px (gundam: a 2 x 3 page)."""
+
+    size: int
+    tiles: int = 0
+    tile_size: int = 0
+
+    def tokens(self) -> int:
+        grid = self.size // 64
+        if not self.tiles:
+            return count_tokens((grid, grid))
+        return count_tokens((grid, grid), (3, 2), self.tile_size // 64)
+
+
+MODES = {
+    "tiny": Mode(512),
+    "small": Mode(640),
+    "base": Mode(1024),
+    "large": Mode(1280),
+    "gundam": Mode(1024, tiles=6, tile_size=640),
+}
+PEERS = ("transformers", "sam+clip")
+
+
+def plan(quick: bool, paths: list[str]) -> list[tuple[str, str, list[int]]]:
+    """(path, mode, batch sizes) to run. Quick: batch 1 everywhere and 4 for base; all paths on tiny, small and
+    base batch 1; on large and gundam only our default path and transformers; batch 4 for our default path and
+    transformers."""
+    runs = []
+    for mode in MODES:
+        for path in paths:
+            if not quick:
+                runs.append((path, mode, [1, 4]))
+                continue
+            key_path = path in ("ours", "transformers")
+            if mode in ("large", "gundam") and not key_path:
+                continue
+            batches = [1, 4] if mode == "base" and key_path else [1]
+            runs.append((path, mode, batches))
+    return runs
+
+
+def inputs(mode: Mode, batch: int, dtype: torch.dtype, device: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    generator = torch.Generator().manual_seed(batch)
+    views = torch.randn(batch, 3, mode.size, mode.size, generator=generator)
+    tiles = None
+    if mode.tiles:
+        tiles = torch.randn(batch * mode.tiles, 3, mode.tile_size, mode.tile_size, generator=generator)
+        tiles = tiles.to(device=device, dtype=dtype)
+    return views.to(device=device, dtype=dtype), tiles
+
+
+def count_flops(config: DeepEncoderConfig, mode: Mode, batch: int) -> int:
+    """FLOPs of one forward (eager attention, so every matmul is counted as written), on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = DeepEncoderConfig.from_dict(config.to_dict(), attn_implementation="eager")
+    with torch.device("meta"):
+        model = DeepEncoderModel(config).eval()
+        views, tiles = inputs(Mode(mode.size, mode.tiles, mode.tile_size), batch, torch.float32, "meta")
+        grids = [(mode.tiles, 1)] * batch if mode.tiles else None
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(views, pixel_values_tiles=tiles, tile_grids=grids)
+    return counter.get_total_flops()
+
+
+def matmul_peak(device: str, dtype: torch.dtype, seconds: float = 3.0) -> float:
+    """Best GFLOP/s of square matmuls (2048..4096) in `dtype` on `device`."""
+    best = 0.0
+    for n in (2048, 3072, 4096):
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        torch.mm(a, b)
+        deadline = time.perf_counter() + seconds / 3
+        while time.perf_counter() < deadline:
+            _sync(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            _sync(device)
+            best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ------------------------------------------------------------------ worker (one fresh process per path and mode)
+def worker(spec: dict) -> None:
+    from benchmarks.peers import PATHS
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(spec["threads"])
+    device, dtype = spec["device"], DTYPES[spec["dtype"]]
+    mode = Mode(**spec["mode"])
+    config = DeepEncoderConfig.from_dict(spec["config"])
+    state_dict = load_file(spec["weights"])
+    build_start = time.perf_counter()
+    encode = PATHS[spec["path"]][0](state_dict, config, device, dtype)
+    del state_dict
+    results = {"build_s": time.perf_counter() - build_start, "batches": {}}
+    with torch.inference_mode():
+        for index, batch in enumerate(spec["batches"]):
+            views, tiles = inputs(mode, batch, dtype, device)
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            warmups = spec["warmup"] if index == 0 else min(spec["warmup"], 1) if spec["repeats"] > 1 else 0
+            for _ in range(warmups):
+                encode(views, tiles)
+            times = []
+            for _ in range(spec["repeats"]):
+                _sync(device)
+                start = time.perf_counter()
+                out = encode(views, tiles)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            results["batches"][str(batch)] = {"times": times, "peak_mb": _peak_memory_mb(device)}
+            if index == 0:
+                torch.save(out.float().cpu(), spec["output"])
+            del out
+    Path(spec["result"]).write_text(json.dumps(results))
+
+
+# ------------------------------------------------------------------ driver
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--quick", action="store_true", help="one timed run per shape, fewer configurations")
+    parser.add_argument("--paths", default=None, help="comma list of paths (default: all but ours-compile)")
+    parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(json.loads(Path(args.worker).read_text()))
+        return 0
+
+    from benchmarks.peers import PATHS
+
+    started = time.perf_counter()
+    config = DeepEncoderConfig()
+    default_rel_pos = config.sam_config.rel_pos_attention
+    names = args.paths.split(",") if args.paths else [p for p in PATHS if p != "ours-compile"]
+    names = [p for p in names if p != f"ours-{default_rel_pos}"]  # the same as "ours"
+    unknown = set(names) - set(PATHS)
+    if unknown:
+        parser.error(f"unknown paths {sorted(unknown)}; choose from {sorted(PATHS)}")
+    modes = args.modes.split(",")
+    repeats = args.repeats or (1 if args.quick else 3)
+    runs = [run for run in plan(args.quick, names) if run[1] in modes]
+
+    print(
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+        f"device {args.device}, {args.dtype}; default rel_pos_attention={default_rel_pos!r}",
+        flush=True,
+    )
+    peak = matmul_peak(args.device, DTYPES[args.dtype])
+    print(f"measured matmul peak: {peak:.1f} GFLOP/s", flush=True)
+
+    flops = {}
+    for _, mode, batches in runs:
+        for batch in batches:
+            if (mode, batch) not in flops:
+                flops[mode, batch] = count_flops(config, MODES[mode], batch)
+
+    records = []
+    with tempfile.TemporaryDirectory(prefix="deepencoder-bench-") as tmp:
+        tmp = Path(tmp)
+        weights = tmp / "weights.safetensors"
+        _random_weights(config, weights)
+        for path, mode, batches in runs:
+            spec = {
+                "path": path, "mode": vars(MODES[mode]), "batches": batches, "device": args.device,
+                "dtype": args.dtype, "config": config.to_dict(), "weights": str(weights), "threads": args.threads,
+                "repeats": repeats, "warmup": 1, "output": str(tmp / f"{path}-{mode}.pt"),
+                "result": str(tmp / f"{path}-{mode}.json"),
+            }  # fmt: skip
+            spec_file = tmp / f"{path}-{mode}.spec.json"
+            spec_file.write_text(json.dumps(spec))
+            proc = subprocess.run(
+                [sys.executable, "-m", "benchmarks.tower", "--worker", str(spec_file)],
+                cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+            )  # fmt: skip
+            if proc.returncode:
+                print(f"{path} {mode}: FAILED\n{proc.stderr[-2000:]}", flush=True)
+                records.append({"path": path, "mode": mode, "batch": batches[0], "error": proc.stderr[-2000:]})
+                continue
+            result = json.loads(Path(spec["result"]).read_text())
+            for batch in batches:
+                entry = result["batches"][str(batch)]
+                seconds = min(entry["times"])
+                record = {
+                    "path": path, "mode": mode, "batch": batch, "seconds": seconds, "times": entry["times"],
+                    "pages_per_s": batch / seconds, "tokens_per_s": batch * MODES[mode].tokens() / seconds,
+                    "gflop": flops[mode, batch] / 1e9, "gflop_per_s": flops[mode, batch] / seconds / 1e9,
+                    "fraction_of_peak": flops[mode, batch] / seconds / 1e9 / peak, "peak_mb": entry["peak_mb"],
+                }  # fmt: skip
+                records.append(record)
+                print(
+                    f"  {path:13s} {mode:7s} b{batch}: {seconds:7.2f} s  {record['gflop_per_s']:6.1f} GFLOP/s  "
+                    f"{entry['peak_mb']:7.0f} MB",
+                    flush=True,
+                )
+        _compare_outputs(records, tmp, TOLERANCE[args.dtype])
+
+    table = format_table(records, args)
+    print(table)
+    elapsed = time.perf_counter() - started
+    print(f"total {elapsed:.0f} s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"tower-{args.device.split(':')[0]}-{args.dtype}" + ("-quick" if args.quick else "")
+    meta = {
+        "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+        "cpu_count": os.cpu_count(), "threads": args.threads, "device": args.device, "dtype": args.dtype,
+        "quick": args.quick, "matmul_peak_gflop_per_s": peak, "default_rel_pos_attention": default_rel_pos,
+        "elapsed_s": elapsed, "paths": {p: PATHS[p][1] for p in names},
+    }  # fmt: skip
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": records, "table": table}, indent=1))
+    _chart(records, args.out / f"{stem}.png", f"{args.device} {args.dtype}, peak {peak:.0f} GFLOP/s")
+    print(f"wrote {args.out / stem}.json and .png")
+    return 0
+
+
+def _random_weights(config: DeepEncoderConfig, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = DeepEncoderModel(config).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # zero-initialised tables (rel-pos, biases) matter too
+            if param.ndim == 1 and "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.1 * torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+def _compare_outputs(records: list[dict], tmp: Path, tolerance: float) -> None:
+    """Each path's batch-1 output against transformers' (the independent port), else our eager path."""
+    for record in records:
+        if "error" in record or record["batch"] != min(
+            r["batch"] for r in records if r.get("path") == record["path"] and r["mode"] == record["mode"]
+        ):
+            continue
+        reference = None
+        for name in ("transformers", "ours-eager"):
+            file = tmp / f"{name}-{record['mode']}.pt"
+            if file.exists() and name != record["path"]:
+                reference, record["reference"] = torch.load(file), name
+                break
+        if reference is None:
+            continue
+        error = rel_err(torch.load(tmp / f"{record['path']}-{record['mode']}.pt"), reference)
+        record["rel_err"] = error
+        record["correct"] = error <= tolerance
+    for record in records:  # larger batches share the batch-1 verdict
+        if "error" in record or "rel_err" in record:
+            continue
+        first = next((r for r in records if r["path"] == record["path"] and r["mode"] == record["mode"]
+                      and "rel_err" in r), None)  # fmt: skip
+        if first is not None:
+            record["rel_err"], record["correct"] = first["rel_err"], first["correct"]
+            record["reference"] = first["reference"]
+
+
+def format_table(records: list[dict], args) -> str:
+    lines = []
+    header = (
+        "| mode | batch | path | s/batch | pages/s | tokens/s | GFLOP/s | % of peak | peak mem MB | vs fastest ours "
+        "| rel. err (vs) |"
+    )
+    rule = "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"
+    for mode in MODES:
+        for batch in sorted({r["batch"] for r in records if r["mode"] == mode}):
+            rows = [r for r in records if r["mode"] == mode and r["batch"] == batch]
+            if not rows:
+                continue
+            ours = [r for r in rows if r["path"].startswith("ours") and r.get("correct", True) and "error" not in r]
+            fastest = min((r["seconds"] for r in ours), default=None)
+            lines.append(f"\n{mode}, batch {batch} ({rows[0].get('gflop', 0):.0f} GFLOP per batch)")
+            lines.append(header)
+            lines.append(rule)
+            for r in sorted(rows, key=lambda r: r.get("seconds", float("inf"))):
+                if "error" in r:
+                    lines.append(f"| {mode} | {batch} | {r['path']} | FAILED | | | | | | | |")
+                    continue
+                ratio = f"{r['seconds'] / fastest:.2f}x" if fastest else ""
+                err = ""
+                if "rel_err" in r:
+                    err = f"{r['rel_err']:.1e} ({r['reference']})" + ("" if r["correct"] else " WRONG")
+                lines.append(
+                    f"| {mode} | {batch} | {r['path']} | {r['seconds']:.2f} | {r['pages_per_s']:.3f} | "
+                    f"{r['tokens_per_s']:.1f} | {r['gflop_per_s']:.1f} | {100 * r['fraction_of_peak']:.0f}% | "
+                    f"{r['peak_mb']:.0f} | {ratio} | {err} |"
+                )
+    return "\n".join(lines)
+
+
+def _chart(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in records if "error" not in r]
+    groups = sorted({(r["mode"], r["batch"]) for r in rows}, key=lambda g: (list(MODES).index(g[0]), g[1]))
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.5))
+    width = 0.8 / max(1, len(paths))
+    for i, name in enumerate(paths):
+        xs, ys = [], []
+        for j, group in enumerate(groups):
+            match = [r for r in rows if r["path"] == name and (r["mode"], r["batch"]) == group]
+            if match:
+                xs.append(j + i * width)
+                ys.append(match[0]["pages_per_s"])
+        ax.bar(xs, ys, width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], [f"{m}\nb{b}" for m, b in groups])
+    ax.set_ylabel("pages / s")
+    ax.set_yscale("log")
+    ax.set_title(f"deepencoder tower throughput ({title})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
