@@ -129,8 +129,9 @@ def _peak_memory_mb(device: str) -> float:
 
 # ------------------------------------------------------------------ worker (one fresh process per path and mode)
 def worker(spec: dict) -> None:
-    from benchmarks.peers import PATHS
     from safetensors.torch import load_file
+
+    from benchmarks.peers import PATHS
 
     torch.set_num_threads(spec["threads"])
     device, dtype = spec["device"], DTYPES[spec["dtype"]]
