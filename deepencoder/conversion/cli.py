@@ -1,9 +1,12 @@
-"""`deepencoder convert {deepseek-ocr,...} SRC DST`: checkpoints -> `save_pretrained` directories."""
+"""`deepencoder convert {deepseek-ocr,segment-anything,clip,compose} ...`: checkpoints -> `save_pretrained`
+directories (config.json, model.safetensors, preprocessor config, conversion_report.json, README.md)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -13,32 +16,134 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("convert", help="convert a checkpoint into a DeepEncoder directory")
     sources = parser.add_subparsers(dest="source", required=True)
+
     deepseek = sources.add_parser("deepseek-ocr", help="the released DeepSeek-OCR checkpoint (vision tensors only)")
     deepseek.add_argument("src", help="local directory / .safetensors file, or hub id (deepseek-ai/DeepSeek-OCR)")
     deepseek.add_argument("dst", help="output directory")
-    deepseek.add_argument("--revision", default=None)
     add_common_options(deepseek)
     deepseek.set_defaults(func=run_deepseek_ocr)
+
+    sam = sources.add_parser(
+        "segment-anything",
+        help="a segment-anything sam_vit_{b,l,h}_*.pth (or transformers SAM) -> SAM stage; the rest initialised",
+    )
+    sam.add_argument("src", help="sam_vit_b_01ec64.pth / sam_vit_l_0b3195.pth / sam_vit_h_4b8939.pth, or a hub id")
+    sam.add_argument("dst", help="output directory")
+    add_common_options(sam)
+    sam.set_defaults(func=run_segment_anything)
+
+    clip = sources.add_parser(
+        "clip", help="an open_clip / OpenAI or transformers CLIP-L/14 -> CLIP stage; the rest initialised"
+    )
+    clip.add_argument("src", help="open_clip .safetensors/.bin/.pth, transformers CLIP directory, or a hub id")
+    clip.add_argument("dst", help="output directory")
+    add_common_options(clip)
+    add_clip_options(clip)
+    clip.set_defaults(func=run_clip)
+
+    compose = sources.add_parser(
+        "compose", help="SAM stage from one checkpoint, CLIP stage from another; compressor and projector initialised"
+    )
+    compose.add_argument("--sam", required=True, help="segment-anything .pth, transformers SAM, DeepSeek-OCR, ...")
+    compose.add_argument("--clip", required=True, help="open_clip / OpenAI, transformers CLIP, DeepSeek-OCR, ...")
+    compose.add_argument("dst", help="output directory")
+    add_common_options(compose)
+    add_clip_options(compose)
+    compose.set_defaults(func=run_compose)
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: the source's)")
     parser.add_argument("--max-shard-size", default="5GB", help="shard size for save_pretrained (e.g. 2GB)")
+    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for hub ids")
 
 
-def run_deepseek_ocr(args: argparse.Namespace) -> int:
-    from .deepseek_ocr import load_deepseek_ocr_with_report
+def add_clip_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--clip-hidden-act",
+        choices=("quick_gelu", "gelu"),
+        default=None,
+        help="CLIP MLP activation when the source does not state it (open_clip files); default quick_gelu (OpenAI)",
+    )
+    parser.add_argument(
+        "--clip-num-attention-heads",
+        type=int,
+        default=None,
+        help="CLIP heads when the source does not state them (open_clip files); default width / 64",
+    )
+
+
+def clip_options(args: argparse.Namespace) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if args.clip_hidden_act:
+        values["hidden_act"] = args.clip_hidden_act
+    if args.clip_num_attention_heads:
+        values["num_attention_heads"] = args.clip_num_attention_heads
+    return values
+
+
+def _run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]], description: str, licence: str) -> int:
     from .io import CheckpointError
     from .save import save_converted
 
     try:
-        model, report = load_deepseek_ocr_with_report(args.src, revision=args.revision)
+        model, report = load()
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    save_converted(model, report, args.dst, dtype=DTYPES.get(args.dtype), max_shard_size=args.max_shard_size,
-                   source_description="DeepSeek-OCR (deepseek-ai/DeepSeek-OCR), vision tower only",
-                   license_name="MIT (DeepSeek-OCR model weights)")
+    save_converted(
+        model,
+        report,
+        args.dst,
+        dtype=DTYPES.get(args.dtype),
+        max_shard_size=args.max_shard_size,
+        source_description=description,
+        license_name=licence,
+    )
     print(report.summary())
     print(f"saved to {args.dst}")
     return 0
+
+
+def run_deepseek_ocr(args: argparse.Namespace) -> int:
+    from .deepseek_ocr import load_deepseek_ocr_with_report
+
+    return _run(
+        args,
+        lambda: load_deepseek_ocr_with_report(args.src, revision=args.revision),
+        f"DeepSeek-OCR ({args.src}), vision tower only",
+        "MIT (DeepSeek-OCR model weights)",
+    )
+
+
+def run_segment_anything(args: argparse.Namespace) -> int:
+    from .segment_anything import load_segment_anything
+
+    return _run(
+        args,
+        lambda: load_segment_anything(args.src, revision=args.revision),
+        f"segment-anything image encoder ({args.src}); compressor, CLIP stage and projector initialised",
+        "Apache-2.0 (segment-anything model weights)",
+    )
+
+
+def run_clip(args: argparse.Namespace) -> int:
+    from .clip import load_clip
+
+    return _run(
+        args,
+        lambda: load_clip(args.src, revision=args.revision, clip_config=clip_options(args)),
+        f"CLIP vision transformer ({args.src}); SAM stage, compressor and projector initialised",
+        "that of the CLIP weights converted (MIT for OpenAI's CLIP)",
+    )
+
+
+def run_compose(args: argparse.Namespace) -> int:
+    from .compose import load_composed
+
+    return _run(
+        args,
+        lambda: load_composed(args.sam, args.clip, revision=args.revision, clip_config=clip_options(args)),
+        f"composed: SAM stage from {args.sam}, CLIP stage from {args.clip}; compressor and projector initialised",
+        "those of the two sources (segment-anything: Apache-2.0; OpenAI CLIP: MIT)",
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -19,13 +20,19 @@ def _count_layers(state_dict: dict[str, torch.Tensor], pattern: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def sam_config_from_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "sam.", **overrides: Any) -> DeepEncoderSamConfig:
+def sam_config_from_state_dict(
+    state_dict: dict[str, torch.Tensor], prefix: str = "sam.", **overrides: Any
+) -> DeepEncoderSamConfig:
     """Infer the SAM stage's architecture (width, depth, heads, global blocks, window) from tensor shapes."""
     proj = state_dict[f"{prefix}patch_embed.proj.weight"]  # (C, 3, p, p)
     hidden, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     depth = _count_layers(state_dict, rf"{re.escape(prefix)}blocks\.(\d+)\.")
-    values: dict[str, Any] = {"hidden_size": hidden, "num_hidden_layers": depth, "patch_size": patch,
-                              "num_channels": channels}
+    values: dict[str, Any] = {
+        "hidden_size": hidden,
+        "num_hidden_layers": depth,
+        "patch_size": patch,
+        "num_channels": channels,
+    }
     pos = state_dict.get(f"{prefix}pos_embed")
     if pos is not None:
         values["image_size"] = pos.shape[1] * patch
@@ -64,29 +71,60 @@ def clip_config_from_state_dict(
     from a fused qkv: 64-wide heads are assumed (CLIP-L: 16) unless `num_attention_heads` is given."""
     hidden = state_dict[f"{prefix}embeddings.class_embedding"].shape[0]
     depth = _count_layers(state_dict, rf"{re.escape(prefix)}transformer\.layers\.(\d+)\.")
-    values: dict[str, Any] = {"hidden_size": hidden, "num_hidden_layers": depth,
-                              "num_attention_heads": max(1, hidden // 64)}
+    values: dict[str, Any] = {
+        "hidden_size": hidden,
+        "num_hidden_layers": depth,
+        "num_attention_heads": max(1, hidden // 64),
+    }
     fc1 = state_dict.get(f"{prefix}transformer.layers.0.mlp.fc1.weight")
     if fc1 is not None:
         values["intermediate_size"] = fc1.shape[0]
     positions = state_dict[f"{prefix}embeddings.position_embedding.weight"].shape[0]
     grid = round((positions - 1) ** 0.5)
     if grid * grid + 1 != positions:
-        raise CheckpointError(f"{prefix}embeddings.position_embedding.weight: {positions} rows is not 1 + a square grid")
+        raise CheckpointError(
+            f"{prefix}embeddings.position_embedding.weight: {positions} rows is not 1 + a square grid"
+        )
     patch = overrides.get("patch_size", 14)
     values["image_size"] = grid * patch
     values.update(overrides)
     return DeepEncoderClipConfig(**values)
 
 
+KeyTable = Sequence[tuple[str, str]]
+
+
+def map_keys(state_dict: dict[str, torch.Tensor], table: KeyTable) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename keys through an explicit table of (source regex, target template) pairs, matched in full (`\\1` in
+    the template refers to the regex's groups). Returns the renamed tensors and the keys no row matched."""
+    compiled = [(re.compile(pattern), target) for pattern, target in table]
+    out: dict[str, torch.Tensor] = {}
+    unmatched = []
+    for key, tensor in state_dict.items():
+        for pattern, target in compiled:
+            match = pattern.fullmatch(key)
+            if match:
+                out[match.expand(target)] = tensor
+                break
+        else:
+            unmatched.append(key)
+    return out, unmatched
+
+
 def check_state_dict(
-    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, allow_missing: bool = False
+    model: torch.nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str,
+    allow_missing: bool | Callable[[str], bool] = False,
 ) -> list[str]:
-    """Strict key and shape check against the model. Returns the missing keys (allowed only with allow_missing);
-    raises CheckpointError naming the source and every offending key otherwise."""
+    """Strict key and shape check against the model. Returns the missing keys (allowed only with allow_missing:
+    True for any key, or a predicate naming the keys that may be absent); raises CheckpointError naming the
+    source and every offending key otherwise."""
     expected = model.state_dict()
     unexpected = sorted(set(state_dict) - set(expected))
     missing = sorted(set(expected) - set(state_dict))
+    may_miss = allow_missing if callable(allow_missing) else (lambda key: bool(allow_missing))
+    required = [key for key in missing if not may_miss(key)]
     mismatched = [
         f"{key}: {tuple(state_dict[key].shape)} in the checkpoint, model expects {tuple(expected[key].shape)}"
         for key in sorted(set(state_dict) & set(expected))
@@ -95,8 +133,8 @@ def check_state_dict(
     problems = []
     if unexpected:
         problems.append(f"unexpected keys {unexpected}")
-    if missing and not allow_missing:
-        problems.append(f"missing keys {missing}")
+    if required:
+        problems.append(f"missing keys {required}")
     if mismatched:
         problems.append("wrong shapes: " + "; ".join(mismatched))
     if problems:
@@ -109,19 +147,23 @@ def build_model(
     state_dict: dict[str, torch.Tensor],
     report: ConversionReport,
     dtype: torch.dtype | None = None,
-    allow_missing: bool = False,
+    allow_missing: bool | Callable[[str], bool] = False,
 ) -> DeepEncoderModel:
-    """Instantiate the model and load `state_dict` strictly. Keys the source lacks (allowed only with allow_missing)
-    keep a fresh model's initialisation and are listed in the report. dtype None keeps the checkpoint's dtype."""
+    """Instantiate the model and load `state_dict` strictly. Keys the source lacks (allowed only where
+    allow_missing says so: True, or a predicate on the key) keep a fresh model's initialisation and are listed in
+    the report. dtype None keeps the checkpoint's dtype (fp32 when it mixes floating dtypes)."""
     if dtype is None:
         floating = {t.dtype for t in state_dict.values() if t.is_floating_point()}
         dtype = floating.pop() if len(floating) == 1 else torch.float32
-    if allow_missing:
+    with init.no_init_weights():  # every parameter is then either loaded or initialised below, never both
         model = DeepEncoderModel(config)
-    else:
-        with init.no_init_weights():
-            model = DeepEncoderModel(config)
     missing = check_state_dict(model, state_dict, report.source, allow_missing=allow_missing)
+    if missing:
+        # initialise the modules owning a missing key exactly as a fresh model's `post_init` would, then load the
+        # checkpoint (again over any provided tensor that a parent module's initialisation touched)
+        owners = {key.rpartition(".")[0] for key in missing}
+        for owner in sorted(owners):
+            model._init_weights(model.get_submodule(owner))
     model.load_state_dict(state_dict, strict=False)
     report.initialised = sorted(missing)
     report.converted = sorted(state_dict)

@@ -54,7 +54,7 @@ def convert_deepseek_ocr(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str,
             continue
         for prefix, target in PREFIX_MAP:
             if key.startswith(prefix):
-                out[target + key[len(prefix):]] = tensor
+                out[target + key[len(prefix) :]] = tensor
                 break
         else:  # pragma: no cover - is_vision_key guarantees a prefix
             unknown.append(key)

@@ -13,9 +13,18 @@ from typing import BinaryIO
 import torch
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -100,14 +109,16 @@ def load_safetensors(path: str | os.PathLike, keys: Iterable[str] | None = None)
         return read_safetensors(handle, str(path), keys, size=path.stat().st_size)
 
 
-def load_pickle_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """`.pth` / `.pt` / `.bin` through `torch.load(weights_only=True)`: tensors and plain containers only. A pickle
-    that needs anything else (code, custom classes) is refused with a clear message and never executed."""
+def load_pickle_weights(path: str | os.PathLike | BinaryIO, name: str | None = None) -> dict[str, torch.Tensor]:
+    """`.pth` / `.pt` / `.bin` (a path, or an open binary file named `name`) through
+    `torch.load(weights_only=True)`: tensors and plain containers only. A pickle that needs anything else (code,
+    custom classes) is refused with a clear message and never executed."""
+    name = name or str(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as error:  # torch raises UnpicklingError / RuntimeError with its own wording
         raise CheckpointError(
-            f"{path}: refused to load: it is not a plain tensor checkpoint that torch.load(weights_only=True) accepts "
+            f"{name}: refused to load: it is not a plain tensor checkpoint that torch.load(weights_only=True) accepts "
             f"(it may carry code or custom objects, or be corrupted). Convert it to safetensors where you trust it. "
             f"Detail: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
         ) from error
@@ -115,11 +126,13 @@ def load_pickle_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+        raise CheckpointError(f"{name}: expected a dict of tensors, got {type(state).__name__}")
     return state
 
 
-def load_state_dict(path: str | os.PathLike, key_filter: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict(
+    path: str | os.PathLike, key_filter: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
     """Load a local checkpoint file or directory of safetensors shards (with or without an index); `.pth`, `.pt`
     and `.bin` go through `torch.load(weights_only=True)`. `key_filter` selects the tensors to read (safetensors
     reads only those bytes)."""

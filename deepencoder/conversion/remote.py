@@ -6,6 +6,7 @@ each `seek` + `read` into an HTTP range request, so only the selected tensors' b
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -15,9 +16,12 @@ from typing import Any
 
 import torch
 
-from .io import CheckpointError, load_state_dict, read_safetensors, read_safetensors_header
+from .io import CheckpointError, load_pickle_weights, load_state_dict, read_safetensors, read_safetensors_header
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# a hub repository, optionally followed by a file or folder inside it: owner/name[/path/in/repo]
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*$")
+SHARD_NAME = re.compile(r".*-\d{5}-of-\d{5}\.safetensors$")
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 RANGE_BLOCK_SIZE = 1 << 20  # read-ahead of the remote file objects: small, so skipped tensors are not fetched
 
 
@@ -29,6 +33,7 @@ class CheckpointSource:
     filesystem: Any
     files: list[str]
     local: bool
+    directory: str | None = None  # the folder holding the shards (and config.json), when a folder was given
 
 
 def open_checkpoint(path_or_repo_id: str, revision: str | None = None, filesystem: Any = None) -> CheckpointSource:
@@ -45,7 +50,10 @@ def open_checkpoint(path_or_repo_id: str, revision: str | None = None, filesyste
             from huggingface_hub import HfFileSystem
         except ImportError as error:  # pragma: no cover - huggingface_hub ships with transformers
             raise CheckpointError(f"{name}: reading from the hub needs huggingface_hub") from error
-        filesystem, root, local = HfFileSystem(), name + (f"@{revision}" if revision else ""), False
+        repo, _, inner = name.partition("/")[2].partition("/")
+        owner = name.split("/", 1)[0]
+        root = f"{owner}/{repo}" + (f"@{revision}" if revision else "") + (f"/{inner}" if inner else "")
+        filesystem, local = HfFileSystem(), False
     else:
         root, local = name, False
     try:
@@ -58,6 +66,13 @@ def open_checkpoint(path_or_repo_id: str, revision: str | None = None, filesyste
             files = [f"{root}/{shard}" for shard in sorted(set(weight_map.values()))]
         else:
             files = sorted(filesystem.glob(f"{root}/*.safetensors"))
+            if len(files) > 1 and not all(SHARD_NAME.match(f) for f in files):
+                raise CheckpointError(
+                    f"{name}: several checkpoints in this directory ({', '.join(os.path.basename(f) for f in files)}) "
+                    "and no *.safetensors.index.json naming the shards; pass the file to convert"
+                )
+            if not files and not local:
+                files = sorted(f for ext in PICKLE_SUFFIXES for f in filesystem.glob(f"{root}/*{ext}"))[:1]
     except CheckpointError:
         raise
     except Exception as error:
@@ -70,7 +85,7 @@ def open_checkpoint(path_or_repo_id: str, revision: str | None = None, filesyste
         files = []  # may hold pickled weights; read_tensors falls back to the safe pickle loader
     elif not files:
         raise CheckpointError(f"{name}: no *.safetensors files found")
-    return CheckpointSource(name, filesystem, files, local)
+    return CheckpointSource(name, filesystem, files, local, root)
 
 
 def read_tensors(source: CheckpointSource, select: Callable[[str], bool]) -> dict[str, torch.Tensor]:
@@ -83,10 +98,13 @@ def read_tensors(source: CheckpointSource, select: Callable[[str], bool]) -> dic
             if source.local:
                 tensors.update(load_state_dict(file, key_filter=select))
                 continue
-            raise CheckpointError(f"{file}: only safetensors can be read remotely")
+            tensors.update({k: v for k, v in read_remote_pickle(source, file).items() if select(k)})
+            continue
         try:
             size = source.filesystem.size(file)
-            with source.filesystem.open(file, "rb", **({} if source.local else {"block_size": RANGE_BLOCK_SIZE})) as handle:
+            with source.filesystem.open(
+                file, "rb", **({} if source.local else {"block_size": RANGE_BLOCK_SIZE})
+            ) as handle:
                 header, _ = read_safetensors_header(handle, file)
                 keys = [key for key in header if select(key)]
                 if keys:
@@ -97,3 +115,47 @@ def read_tensors(source: CheckpointSource, select: Callable[[str], bool]) -> dic
         except Exception as error:
             raise CheckpointError(f"{file}: cannot read ({type(error).__name__}: {error})") from error
     return tensors
+
+
+def read_remote_pickle(source: CheckpointSource, file: str) -> dict[str, torch.Tensor]:
+    """A `.pth`/`.pt`/`.bin` file cannot be read by ranges: download it whole, then `torch.load(weights_only=True)`."""
+    try:
+        with source.filesystem.open(file, "rb") as handle:
+            payload = handle.read()
+    except Exception as error:
+        raise CheckpointError(f"{file}: cannot read ({type(error).__name__}: {error})") from error
+    return load_pickle_weights(io.BytesIO(payload), name=file)
+
+
+def checkpoint_keys(source: CheckpointSource) -> list[str] | None:
+    """The tensor names of a safetensors checkpoint, from its headers alone (a few KB per shard, also remotely);
+    None when the checkpoint is pickled (its names are only known after loading it)."""
+    if not source.files or not all(f.endswith(".safetensors") for f in source.files):
+        return None
+    keys: list[str] = []
+    for file in source.files:
+        try:
+            with source.filesystem.open(
+                file, "rb", **({} if source.local else {"block_size": RANGE_BLOCK_SIZE})
+            ) as handle:
+                header, _ = read_safetensors_header(handle, file)
+        except CheckpointError:
+            raise
+        except Exception as error:
+            raise CheckpointError(f"{file}: cannot read ({type(error).__name__}: {error})") from error
+        keys.extend(header)
+    return keys
+
+
+def read_json_beside(source: CheckpointSource, filename: str) -> dict | None:
+    """A JSON file (e.g. transformers' config.json) in the checkpoint's folder, parsed as data; None if absent."""
+    if source.directory is None:
+        return None
+    path = f"{source.directory}/{filename}"
+    try:
+        if not source.filesystem.exists(path):
+            return None
+        with source.filesystem.open(path, "rb") as handle:
+            return json.loads(handle.read())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error})") from error

@@ -24,6 +24,10 @@ def save_converted(
     license_name: str = "see the source weights' licence",
     processor: DeepEncoderImageProcessor | None = None,
 ) -> Path:
+    """Write `model` as a `save_pretrained` directory that `DeepEncoderModel.from_pretrained` and (after
+    `import deepencoder`) `AutoModel.from_pretrained` load: config.json, model.safetensors (sharded with an index
+    above `max_shard_size`), the image processor's config, conversion_report.json and a README.md model card.
+    dtype: cast before saving (None keeps the model's)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if dtype is not None:
@@ -56,11 +60,23 @@ def model_card(model: DeepEncoderModel, report: ConversionReport, source: str, l
         f"Converted tensors: {len(report.converted)}.",
     ]
     if report.dropped:
-        lines += ["", "Dropped from the source:"] + [f"- `{k}`: {why}" for k, why in sorted(report.dropped.items())]
+        lines += ["", "Dropped from the source (all names in conversion_report.json):"]
+        by_reason: dict[str, list[str]] = {}
+        for key, why in sorted(report.dropped.items()):
+            by_reason.setdefault(why, []).append(key)
+        for why, keys in by_reason.items():
+            shown = keys if len(keys) <= 4 else summarise_keys(keys)
+            lines.append(f"- {why}: " + ", ".join(f"`{entry}`" for entry in shown))
     if report.initialised:
         lines += ["", "Not in the source, initialised as a fresh model (train before use):"]
         lines += [f"- `{entry}`" for entry in summarise_keys(report.initialised)]
-    lines += ["", "```python", "from deepencoder import DeepEncoderModel, DeepEncoderImageProcessor",
-              "model = DeepEncoderModel.from_pretrained(PATH)", "processor = DeepEncoderImageProcessor.from_pretrained(PATH)",
-              "```", ""]
+    lines += [
+        "",
+        "```python",
+        "from deepencoder import DeepEncoderModel, DeepEncoderImageProcessor",
+        "model = DeepEncoderModel.from_pretrained(PATH)",
+        "processor = DeepEncoderImageProcessor.from_pretrained(PATH)",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
