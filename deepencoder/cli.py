@@ -11,6 +11,7 @@ from collections.abc import Sequence
 # command name -> module providing `add_parser(subparsers)`; the parser sets `func(args) -> int`
 COMMANDS: dict[str, str] = {
     "convert": "deepencoder.conversion.cli",
+    "encode": "deepencoder.pipeline.cli",
     "export-onnx": "deepencoder.export",
 }
 

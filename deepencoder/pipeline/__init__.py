@@ -1,0 +1,34 @@
+"""`deepencoder encode`: documents (PDF, PNG, JPEG, TIFF, WebP, BMP) -> vision tokens on disk, resumable, sharded
+across processes, with a manifest that training code reads back.
+
+    from deepencoder.pipeline import EncodeOptions, encode, load_model, EncodedPages
+    model, _ = load_model("path/to/DeepSeek-OCR")          # or "random", or a save_pretrained directory
+    result = encode(["scans/", "book.pdf"], "runs/x", model, "gundam", EncodeOptions(batch_size=8))
+    pages = EncodedPages("runs/x/manifest.jsonl")          # torch Dataset: {"image_embeds", "source", "page", ...}
+"""
+
+from .dataset import EncodedPages, load_manifest, manifest_generator, to_hf_dataset
+from .runner import FEATURES, EncodeOptions, EncodeResult, encode, shard
+from .sources import Document, PageError, RenderOptions, default_long_side, discover, parse_page_ranges
+from .weights import DEFAULT_WEIGHTS, WeightsError, load_model
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "FEATURES",
+    "Document",
+    "EncodeOptions",
+    "EncodeResult",
+    "EncodedPages",
+    "PageError",
+    "RenderOptions",
+    "WeightsError",
+    "default_long_side",
+    "discover",
+    "encode",
+    "load_manifest",
+    "load_model",
+    "manifest_generator",
+    "parse_page_ranges",
+    "shard",
+    "to_hf_dataset",
+]

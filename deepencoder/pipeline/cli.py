@@ -1,0 +1,124 @@
+"""`deepencoder encode INPUT... --weights W --mode gundam --out DIR`.
+
+Run under `torchrun` or `accelerate launch -m deepencoder encode ...` to shard documents across processes: each
+process takes the GPU of its LOCAL_RANK (or the CPU) and joins a process group (nccl on GPUs, gloo on CPUs)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from ..image_processing_deepencoder import RESOLUTION_MODES, DeepEncoderImageProcessor
+from .runner import FEATURES, EncodeOptions, encode
+from .weights import DEFAULT_WEIGHTS, RANDOM, WeightsError, load_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "encode",
+        help="PDFs and images -> vision tokens (one safetensors file per document + manifest.jsonl)",
+        description="Encode every page of the inputs into vision tokens. Re-running with the same --out resumes.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs, or .txt files of paths")
+    parser.add_argument("--out", required=True, help="output folder (manifest.jsonl, <document>.safetensors)")
+    parser.add_argument(
+        "--weights",
+        default=DEFAULT_WEIGHTS,
+        help=f"DeepSeek-OCR directory or hub id, a `deepencoder` save_pretrained directory, or `{RANDOM}` "
+        f"(default: {DEFAULT_WEIGHTS})",
+    )
+    parser.add_argument("--config", help="config.json (or its directory) for --weights random; default: real size")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --weights random (the same in every process)")
+    parser.add_argument("--mode", default="gundam", choices=list(RESOLUTION_MODES), help="resolution mode")
+    parser.add_argument("--base-size", type=int, help="override the mode's global view size (multiple of 64)")
+    parser.add_argument("--tile-size", type=int, help="override the mode's tile size (multiple of 64)")
+    parser.add_argument(
+        "--features", default="projected", choices=FEATURES, help="projected tokens (default) or the 2048-d join"
+    )
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the stored tensors")
+    parser.add_argument("--compute-dtype", default="float32", choices=list(DTYPES), help="dtype the tower runs in")
+    parser.add_argument("--device", default="auto", help="auto (GPU of LOCAL_RANK if any, else CPU), cpu, cuda:0 ...")
+    parser.add_argument("--batch-size", type=int, default=8, help="pages per forward pass")
+    parser.add_argument("--workers", type=int, default=2, help="threads decoding / rendering pages")
+    parser.add_argument("--prefetch", type=int, help="pages prepared ahead of the model (default 2*batch+workers)")
+    parser.add_argument("--pages", help="0-based page ranges of multi-page documents, e.g. 0-2,5,9-")
+    parser.add_argument("--dpi", type=float, help="PDF render DPI (default: the page's long side fitted to the mode)")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=None,
+        help="largest page in pixels (default: Pillow's decompression-bomb limit; 0: no limit)",
+    )
+    parser.add_argument("--max-aspect", type=float, default=20.0, help="largest long/short side ratio of a page")
+    parser.add_argument("--preview", metavar="DIR", help="write a PNG per page with its global view and tile grid")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--sleep-per-batch", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.set_defaults(func=run_encode)
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(backend=backend)
+    return rank, world_size, local_rank
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    rank, world_size, local_rank = _init_distributed()
+    say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if rank == 0 else (lambda *a, **k: None)
+    try:
+        try:
+            model, description = load_model(args.weights, args.config, seed=args.seed)
+        except WeightsError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if args.weights == RANDOM:
+            banner = "!" * 100
+            say(f"{banner}\n!! {description}\n{banner}")
+        else:
+            say(f"weights: {description}")
+        device = _device(args.device, local_rank)
+        model = model.to(device=device, dtype=DTYPES[args.compute_dtype])
+        processor = DeepEncoderImageProcessor(mode=args.mode, base_size=args.base_size, tile_size=args.tile_size)
+        limit = args.max_image_pixels
+        options = EncodeOptions(
+            features=args.features,
+            dtype=DTYPES[args.dtype],
+            batch_size=args.batch_size,
+            workers=args.workers,
+            prefetch=args.prefetch,
+            pages=args.pages,
+            dpi=args.dpi,
+            max_aspect=args.max_aspect,
+            preview_dir=args.preview,
+            progress=not args.no_progress,
+            sleep_per_batch=args.sleep_per_batch,
+        )
+        if limit is not None:
+            options.max_image_pixels = limit or None
+        world = f", {world_size} processes" if world_size > 1 else ""
+        say(f"mode {args.mode}, {args.features} features as {args.dtype}, device {device}{world} -> {args.out}")
+        result = encode(args.inputs, args.out, model, processor, options)
+        say(result.summary())
+        if args.weights == RANDOM:
+            say("(random weights: the tokens above are meaningless; pass --weights with a real checkpoint)")
+        return 0 if result.ok else 1
+    finally:
+        if world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

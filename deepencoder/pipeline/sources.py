@@ -1,0 +1,291 @@
+"""Page sources: which documents an `encode` run covers, how many pages each has, and each page as an RGB image.
+
+A *document* is one input file: a PDF (pages rendered with pypdfium2), a multi-page TIFF (one page per frame) or a
+single image (PNG, JPEG, WebP, BMP, GIF's first frame, ...). Pages are addressed by their 0-based index in the
+document, the same index as the output key `page.<index>`. Everything here raises `PageError` with a sentence a
+user can act on; nothing here stops a run.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageOps
+
+from ..image_processing_deepencoder import RESOLUTION_MODES, ResolutionMode, to_rgb
+
+PDF_SUFFIXES = (".pdf",)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
+LIST_SUFFIXES = (".txt", ".lst")
+GLOB_CHARS = "*?["
+
+# pdfium is not thread-safe: every call into it goes through this lock (rendering overlaps with decoding of other
+# formats and with the model, not with itself).
+PDFIUM_LOCK = threading.Lock()
+
+
+class PageError(Exception):
+    """A document or page that cannot be encoded; the message says why (and, where it helps, what to do)."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """source: the path as found (relative paths stay relative); name: output file stem inside the output folder,
+    unique within a run (`<relative path>` of the source, e.g. `scans/a.pdf`); kind: `pdf` | `image`."""
+
+    source: str
+    name: str
+    kind: str
+
+    @property
+    def output(self) -> str:
+        """Path of the document's safetensors file relative to the output folder."""
+        return f"{self.name}.safetensors"
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """How pages become pixels.
+
+    dpi: PDF rendering resolution; None picks it per page so the page's long side becomes `target_long_side` px.
+    target_long_side: see `default_long_side(mode)`.
+    max_image_pixels: largest page (width * height) accepted, Pillow's `Image.MAX_IMAGE_PIXELS` by default (a
+        decompression-bomb guard); 0 or None disables the check.
+    max_aspect: largest long side / short side accepted (a 1 x 20000 strip carries nothing readable once fitted
+        into a square view).
+    min_side: smallest side in pixels accepted.
+    """
+
+    dpi: float | None = None
+    target_long_side: int = 1920
+    max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS
+    max_aspect: float = 20.0
+    min_side: int = 8
+
+
+def default_long_side(mode: str | ResolutionMode) -> int:
+    """Long side (px) a PDF page is rendered to when no DPI is given: three tiles for the tiled modes (the largest
+    tile grid along one side that a portrait or landscape page gets, so tiles are never upsampled), the global view's
+    side otherwise. `mode`: a mode name or a processor's `resolution` (size overrides applied)."""
+    resolution = RESOLUTION_MODES[mode] if isinstance(mode, str) else mode
+    return resolution.tile_size * 3 if resolution.tile_size else resolution.base_size
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+def _kind(path: Path) -> str:
+    return "pdf" if path.suffix.lower() in PDF_SUFFIXES else "image"
+
+
+def _expand(arg: str, seen_lists: set[str]) -> list[tuple[str, str]]:
+    """One command-line input -> [(source path, name relative to the input)]."""
+    path = Path(arg)
+    if path.is_dir():
+        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PDF_SUFFIXES + IMAGE_SUFFIXES)
+        return [(str(p), p.relative_to(path).as_posix()) for p in found]
+    if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+        if str(path.resolve()) in seen_lists:
+            return []
+        seen_lists.add(str(path.resolve()))
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                entry = line if Path(line).is_absolute() else str(path.parent / line)
+                out.extend(_expand(entry, seen_lists))
+        return out
+    if not path.exists() and any(c in arg for c in GLOB_CHARS):
+        matches = sorted(glob.glob(arg, recursive=True))
+        return [item for match in matches for item in _expand(match, seen_lists)]
+    return [(arg, path.name)]  # a file (any suffix: it is tried), or a missing path that becomes an error row
+
+
+def discover(inputs: Sequence[str | os.PathLike]) -> list[Document]:
+    """Files, folders (recursive, by suffix), globs and text files of paths (one a line, `#` comments) -> documents,
+    sorted by output name. A source listed twice is kept once; two sources with the same relative name get a short
+    hash of their absolute path appended, so every document has its own output file whatever the order of inputs."""
+    seen_lists: set[str] = set()
+    by_source: dict[str, str] = {}
+    for arg in inputs:
+        for source, name in _expand(os.fspath(arg), seen_lists):
+            by_source.setdefault(str(Path(source).resolve()), source + "\0" + name)
+    entries = sorted((value.split("\0") for value in by_source.values()), key=lambda e: (e[1], e[0]))
+    counts: dict[str, int] = {}
+    for _, name in entries:
+        counts[name] = counts.get(name, 0) + 1
+    documents = []
+    for source, name in entries:
+        if counts[name] > 1:
+            digest = hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:8]
+            name = f"{name}-{digest}"
+        documents.append(Document(source=source, name=name, kind=_kind(Path(source))))
+    return sorted(documents, key=lambda d: d.name)
+
+
+def parse_page_ranges(spec: str | None) -> list[tuple[int, int | None]] | None:
+    """`"0-2,5,9-"` -> [(0, 2), (5, 5), (9, None)]: 0-based page indices, inclusive, open-ended with a trailing `-`."""
+    if not spec:
+        return None
+    ranges: list[tuple[int, int | None]] = []
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                start, end = part.split("-", 1)
+                ranges.append((int(start or 0), int(end) if end.strip() else None))
+            else:
+                ranges.append((int(part), int(part)))
+        except ValueError as error:
+            raise ValueError(f"bad page range {part!r} in {spec!r}; use 0-based indices like 0-2,5,9-") from error
+    return ranges
+
+
+def select_pages(count: int, ranges: list[tuple[int, int | None]] | None) -> list[int]:
+    if ranges is None:
+        return list(range(count))
+    pages = {i for start, end in ranges for i in range(start, min(count - 1, count if end is None else end) + 1)}
+    return sorted(i for i in pages if 0 <= i < count)
+
+
+# ---------------------------------------------------------------------------------------------- opening
+def _check_file(source: str) -> None:
+    path = Path(source)
+    if not path.exists():
+        raise PageError("no such file")
+    if not path.is_file():
+        raise PageError("not a regular file")
+    if path.stat().st_size == 0:
+        raise PageError("empty file (0 bytes)")
+
+
+def _open_pdf(source: str):
+    import pypdfium2 as pdfium
+
+    try:
+        return pdfium.PdfDocument(source)
+    except pdfium.PdfiumError as error:
+        text = str(error)
+        if "password" in text.lower():
+            raise PageError("encrypted PDF (password required); decrypt it first, e.g. `qpdf --decrypt`") from error
+        raise PageError(f"cannot open PDF ({text})") from error
+
+
+def count_pages(document: Document) -> int:
+    """Number of pages, opening only what is needed (PDF trailer, TIFF frames). Raises PageError."""
+    _check_file(document.source)
+    if document.kind == "pdf":
+        with PDFIUM_LOCK:
+            pdf = _open_pdf(document.source)
+            try:
+                count = len(pdf)
+            finally:
+                pdf.close()
+        if count == 0:
+            raise PageError("PDF has no pages")
+        return count
+    try:
+        with Image.open(document.source) as image:
+            return int(getattr(image, "n_frames", 1)) if image.format == "TIFF" else 1
+    except (OSError, SyntaxError, ValueError) as error:
+        raise PageError(f"cannot read image ({type(error).__name__}: {error})") from error
+
+
+def check_size(width: int, height: int, options: RenderOptions) -> None:
+    """Raise PageError for pages the run refuses: decompression bombs, degenerate strips, specks."""
+    limit = options.max_image_pixels
+    if limit and width * height > limit:
+        raise PageError(
+            f"page is {width}x{height} = {width * height} pixels, above the limit of {limit} "
+            "(a decompression-bomb guard; raise it with --max-image-pixels if the file is trusted)"
+        )
+    if min(width, height) < options.min_side:
+        raise PageError(f"page is {width}x{height} pixels: a side is under {options.min_side} px")
+    aspect = max(width, height) / min(width, height)
+    if aspect > options.max_aspect:
+        raise PageError(
+            f"page is {width}x{height} pixels: aspect ratio {aspect:.0f}:1 exceeds {options.max_aspect:g}:1 "
+            "(nothing readable survives fitting it into a view; raise --max-aspect to encode it anyway)"
+        )
+
+
+def render_pdf_page(pdf, index: int, options: RenderOptions) -> Image.Image:
+    """One page of an open `pypdfium2.PdfDocument` -> RGB image. Call under `PDFIUM_LOCK`."""
+    import pypdfium2 as pdfium
+
+    try:
+        page = pdf[index]
+        try:
+            width_pt, height_pt = page.get_size()
+            if width_pt <= 0 or height_pt <= 0:
+                raise PageError(f"PDF page has no area ({width_pt}x{height_pt} pt)")
+            if options.dpi:
+                scale = options.dpi / 72.0
+            else:
+                scale = options.target_long_side / max(width_pt, height_pt)
+            check_size(max(1, round(width_pt * scale)), max(1, round(height_pt * scale)), options)
+            bitmap = page.render(scale=scale)
+            try:
+                image = bitmap.to_pil().convert("RGB")
+            finally:
+                bitmap.close()
+        finally:
+            page.close()
+    except pdfium.PdfiumError as error:
+        raise PageError(f"cannot render PDF page ({error})") from error
+    return image
+
+
+def decode_image_page(source: str, index: int, options: RenderOptions) -> Image.Image:
+    """Frame `index` of an image file -> RGB with EXIF orientation applied. Convertible modes are converted: CMYK,
+    palette, 16-bit and float grayscale (scaled to 8 bits), alpha (composited onto white); see `to_rgb`."""
+    try:
+        with Image.open(source) as image:
+            check_size(image.width, image.height, options)  # header only: before any pixel is decoded
+            if index:
+                image.seek(index)
+                check_size(image.width, image.height, options)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except PageError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        raise PageError(f"cannot decode image ({type(error).__name__}: {error})") from error
+
+
+class PageReader:
+    """Renders pages of documents from worker threads. PDFs stay open between pages of the same document (one
+    pdfium handle per document, closed by `release`)."""
+
+    def __init__(self, options: RenderOptions) -> None:
+        self.options = options
+        self._pdfs: dict[str, object] = {}
+
+    def read(self, document: Document, index: int) -> Image.Image:
+        if document.kind != "pdf":
+            image = decode_image_page(document.source, index, self.options)
+        else:
+            with PDFIUM_LOCK:
+                pdf = self._pdfs.get(document.source)
+                if pdf is None:
+                    pdf = self._pdfs[document.source] = _open_pdf(document.source)
+                image = render_pdf_page(pdf, index, self.options)
+        check_size(image.width, image.height, self.options)
+        return image
+
+    def release(self, document: Document) -> None:
+        with PDFIUM_LOCK:
+            pdf = self._pdfs.pop(document.source, None)
+            if pdf is not None:
+                pdf.close()
+
+    def close(self) -> None:
+        with PDFIUM_LOCK:
+            for pdf in self._pdfs.values():
+                pdf.close()
+            self._pdfs.clear()
