@@ -78,8 +78,8 @@ def open_checkpoint(path_or_repo_id: str, revision: str | None = None, filesyste
     except Exception as error:
         raise CheckpointError(
             f"cannot read checkpoint {name!r} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-            "without network access download it elsewhere and pass its local directory "
-            "(e.g. --weights /path/to/DeepSeek-OCR)"
+            "if it is a local path, check that it exists; without network access, download the checkpoint "
+            "elsewhere and pass its local file or directory (e.g. --weights /path/to/DeepSeek-OCR)"
         ) from error
     if not files and local:
         files = []  # may hold pickled weights; read_tensors falls back to the safe pickle loader
