@@ -10,6 +10,7 @@ import os
 import sys
 
 import torch
+from PIL import Image
 
 from ..image_processing_deepencoder import RESOLUTION_MODES, DeepEncoderImageProcessor
 from .runner import FEATURES, EncodeOptions, encode
@@ -110,8 +111,9 @@ def run_encode(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             sleep_per_batch=args.sleep_per_batch,
         )
-        if limit is not None:
+        if limit is not None:  # also Pillow's own process-wide guard, which fires at open time above twice the limit
             options.max_image_pixels = limit or None
+            Image.MAX_IMAGE_PIXELS = limit or None
         world = f", {world_size} processes" if world_size > 1 else ""
         say(f"mode {args.mode}, {args.features} features as {args.dtype}, device {device}{world} -> {args.out}")
         result = encode(args.inputs, args.out, model, processor, options)

@@ -30,6 +30,14 @@ GLOB_CHARS = "*?["
 PDFIUM_LOCK = threading.Lock()
 
 
+# Pillow refuses images above 2 * `PIL.Image.MAX_IMAGE_PIXELS` when it opens them, before `check_size` sees them;
+# the CLI's --max-image-pixels sets that process-wide limit too (API users raise it themselves).
+BOMB_HINT = (
+    "{error} (a decompression-bomb guard; raise it with --max-image-pixels, or PIL.Image.MAX_IMAGE_PIXELS, "
+    "if the file is trusted)"
+)
+
+
 class PageError(Exception):
     """A document or page that cannot be encoded; the message says why (and, where it helps, what to do)."""
 
@@ -63,18 +71,19 @@ class RenderOptions:
     """
 
     dpi: float | None = None
-    target_long_side: int = 1920
+    target_long_side: int = 1600
     max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS
     max_aspect: float = 20.0
     min_side: int = 8
 
 
 def default_long_side(mode: str | ResolutionMode) -> int:
-    """Long side (px) a PDF page is rendered to when no DPI is given: three tiles for the tiled modes (the largest
-    tile grid along one side that a portrait or landscape page gets, so tiles are never upsampled), the global view's
-    side otherwise. `mode`: a mode name or a processor's `resolution` (size overrides applied)."""
+    """Long side (px) a PDF page is rendered to when no DPI is given: 2.5 tiles for the tiled modes (1600 px in
+    `gundam`: 145 dpi for a US-letter page, about the 144 dpi DeepSeek-OCR's own PDF tooling renders at; tiles of a
+    portrait page are then barely resampled), the global view's side otherwise. `mode`: a mode name or a processor's
+    `resolution` (size overrides applied)."""
     resolution = RESOLUTION_MODES[mode] if isinstance(mode, str) else mode
-    return resolution.tile_size * 3 if resolution.tile_size else resolution.base_size
+    return round(resolution.tile_size * 2.5) if resolution.tile_size else resolution.base_size
 
 
 # ---------------------------------------------------------------------------------------------- discovery
@@ -191,6 +200,8 @@ def count_pages(document: Document) -> int:
     try:
         with Image.open(document.source) as image:
             return int(getattr(image, "n_frames", 1)) if image.format == "TIFF" else 1
+    except Image.DecompressionBombError as error:
+        raise PageError(BOMB_HINT.format(error=error)) from error
     except (OSError, SyntaxError, ValueError) as error:
         raise PageError(f"cannot read image ({type(error).__name__}: {error})") from error
 
@@ -203,14 +214,14 @@ def check_size(width: int, height: int, options: RenderOptions) -> None:
             f"page is {width}x{height} = {width * height} pixels, above the limit of {limit} "
             "(a decompression-bomb guard; raise it with --max-image-pixels if the file is trusted)"
         )
-    if min(width, height) < options.min_side:
-        raise PageError(f"page is {width}x{height} pixels: a side is under {options.min_side} px")
-    aspect = max(width, height) / min(width, height)
+    aspect = max(width, height) / max(1, min(width, height))
     if aspect > options.max_aspect:
         raise PageError(
             f"page is {width}x{height} pixels: aspect ratio {aspect:.0f}:1 exceeds {options.max_aspect:g}:1 "
             "(nothing readable survives fitting it into a view; raise --max-aspect to encode it anyway)"
         )
+    if min(width, height) < options.min_side:
+        raise PageError(f"page is {width}x{height} pixels: a side is under {options.min_side} px")
 
 
 def render_pdf_page(pdf, index: int, options: RenderOptions) -> Image.Image:
@@ -254,7 +265,9 @@ def decode_image_page(source: str, index: int, options: RenderOptions) -> Image.
             return to_rgb(image)
     except PageError:
         raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:
+        raise PageError(BOMB_HINT.format(error=error)) from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise PageError(f"cannot decode image ({type(error).__name__}: {error})") from error
 
 
