@@ -3,6 +3,7 @@ manifest rows, document files. See `writer` for the on-disk protocol and `encode
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import sys
@@ -223,8 +224,6 @@ class _Encoder:
             print(f"warning: {final}: unreadable ({error}); its pages are encoded again", file=sys.stderr)
             keys = []
             final.unlink(missing_ok=True)
-        import json
-
         restored = [
             json.loads(metadata[key]) for key in keys if (document.output, key) not in self.ok_rows and key in metadata
         ]
