@@ -17,8 +17,9 @@ from .configuration_deepencoder import DeepEncoderSamConfig
 
 ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
 REL_POS_MODES = ("folded", "mask")
-# entries per view (batch element) of the additive-mask block `masked_rel_pos_attention` builds at once (64 MB fp32)
-MASK_ELEMENTS_PER_VIEW = 2**24
+# entries of one additive-mask block of `masked_rel_pos_attention` (32 MB in fp32: small enough for the CPU allocator
+# to recycle it from the heap instead of page-faulting fresh memory in for every block)
+MASK_BLOCK_ELEMENTS = 2**23
 
 
 def resize_abs_pos(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -112,18 +113,19 @@ def masked_rel_pos_attention(
     value: torch.Tensor,
     rel_h: torch.Tensor,
     rel_w: torch.Tensor,
-    mask_elements_per_view: int = MASK_ELEMENTS_PER_VIEW,
+    mask_block_elements: int = MASK_BLOCK_ELEMENTS,
 ) -> torch.Tensor:
     """SDPA with the decomposed bias as an additive mask, built one block of query rows at a time.
 
     query/key/value: (B, heads, N, hd); rel_h: (B, heads, N, H); rel_w: (B, heads, N, W) -> (B, heads, N, hd).
-    Each block's mask (B, heads, rows, N) holds at most `mask_elements_per_view` entries per batch element, so
-    the full (B, heads, N, N) mask (805 MB per global block of a 1024 px page in fp32) never exists; every block
-    still runs the fused kernel over all keys, so the result equals the one-shot masked call. The block size
-    depends on the view's shape only, not on the batch size (a dynamic batch exports and compiles as one graph).
+    Each block's mask (B, heads, rows, N) holds at most `mask_block_elements` entries (per batch element when the
+    batch size is symbolic, as in a dynamic-batch export), so the full (B, heads, N, N) mask (805 MB per global
+    block of a 1024 px page in fp32) never exists; every block still runs the fused kernel over all keys, so the
+    result equals the one-shot masked call.
     """
-    _, heads, n, _ = query.shape
-    rows = max(1, min(n, mask_elements_per_view // (heads * n)))
+    batch, heads, n, _ = query.shape
+    per_row = heads * n * (batch if isinstance(batch, int) else 1)
+    rows = max(1, min(n, mask_block_elements // per_row))
     if rows >= n:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=rel_pos_mask(rel_h, rel_w))
     outputs = [
@@ -216,7 +218,11 @@ class SamMLP(nn.Module):
         self.act = nn.GELU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin2(self.act(self.lin1(x)))
+        hidden = self.lin1(x)  # (..., mlp_dim)
+        if torch.is_grad_enabled() and hidden.requires_grad:
+            return self.lin2(self.act(hidden))
+        # inference: activate in place, one (tokens x mlp_dim) buffer instead of two
+        return self.lin2(F.gelu(hidden, approximate=self.act.approximate, out=hidden))
 
 
 class SamBlock(GradientCheckpointingLayer):

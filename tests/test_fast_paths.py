@@ -27,11 +27,11 @@ def _eager(q, k, v, rel_h, rel_w):
     return logits.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("elements", [1, 3 * 35 * 4, 3 * 35 * 35, 10**9])  # 1 row, 4 rows (ragged), all, all
+@pytest.mark.parametrize("elements", [1, 2 * 3 * 35 * 4, 2 * 3 * 35 * 35, 10**9])  # rows: 1, 4 (ragged), all, all
 def test_blocked_mask_equals_eager(elements):
     q, k, v, rel_h, rel_w = _attention_inputs()
     expected = _eager(q, k, v, rel_h, rel_w)
-    actual = masked_rel_pos_attention(q, k, v, rel_h, rel_w, mask_elements_per_view=elements)
+    actual = masked_rel_pos_attention(q, k, v, rel_h, rel_w, mask_block_elements=elements)
     assert rel_err(actual, expected) < TOL
 
 
@@ -81,6 +81,16 @@ def test_compile_has_no_graph_breaks_and_matches(rel_pos_attention):
         expected = model.encode_views(pixels).image_embeds
         actual = compiled(pixels).image_embeds
     assert rel_err(actual, expected) < TOL
+
+
+def test_inference_mlp_equals_autograd_mlp():
+    """The in-place activation used without autograd against the plain one."""
+    model = random_model()
+    pixels = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        fast = model.encode_views(pixels).image_embeds
+    plain = model.encode_views(pixels.requires_grad_()).image_embeds
+    assert rel_err(fast, plain.detach()) < TOL
 
 
 def test_bf16_weights_close_to_fp32():
