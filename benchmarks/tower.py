@@ -11,6 +11,7 @@ configuration's own. Results: benchmarks/results/tower-<device>-<dtype>.json and
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -58,8 +59,9 @@ PEERS = ("transformers", "sam+clip")
 
 
 def plan(quick: bool, paths: list[str]) -> list[tuple[str, str, list[int]]]:
-    """(path, mode, batch sizes) to run. Quick: batch 1 everywhere and 4 for base; all paths on tiny, small and
-    base batch 1; our default path and transformers on large and base batch 4; only our default path on gundam."""
+    """(path, mode, batch sizes) to run. Quick: batch 1 everywhere and 4 for base; all paths on tiny and base
+    batch 1; our default path and transformers on small and base batch 4; only our default path on large and
+    gundam, timed once without a warm-up run."""
     runs = []
     for mode in MODES:
         for path in paths:
@@ -67,7 +69,7 @@ def plan(quick: bool, paths: list[str]) -> list[tuple[str, str, list[int]]]:
                 runs.append((path, mode, [1, 4]))
                 continue
             key_path = path in ("ours", "transformers")
-            if (mode == "large" and not key_path) or (mode == "gundam" and path != "ours"):
+            if (mode in ("small", "large") and not key_path) or (mode in ("large", "gundam") and path != "ours"):
                 continue
             batches = [1, 4] if mode == "base" and key_path else [1]
             runs.append((path, mode, batches))
@@ -123,7 +125,21 @@ def _sync(device: str) -> None:
 def _peak_memory_mb(device: str) -> float:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
+    status = Path("/proc/self/status")
+    if status.exists():  # VmHWM: peak RSS since the last reset (see `_reset_peak_rss`)
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _reset_peak_rss() -> None:
+    """Reset the process's peak RSS to its current RSS (Linux), so the harness's own copy of the weights while a
+    path is built does not count; the weights the path holds do."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 # ------------------------------------------------------------------ worker (one fresh process per path and mode)
@@ -140,17 +156,20 @@ def worker(spec: dict) -> None:
     build_start = time.perf_counter()
     encode = PATHS[spec["path"]][0](state_dict, config, device, dtype)
     del state_dict
+    gc.collect()
+    _reset_peak_rss()
     results = {"build_s": time.perf_counter() - build_start, "batches": {}}
     with torch.inference_mode():
         for index, batch in enumerate(spec["batches"]):
             views, tiles = inputs(mode, batch, dtype, device)
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            warmups = spec["warmup"] if index == 0 else min(spec["warmup"], 1) if spec["repeats"] > 1 else 0
+            repeats = spec["repeats"][index]
+            warmups = spec["warmup"] if index == 0 else min(spec["warmup"], 1) if repeats > 1 else 0
             for _ in range(warmups):
                 encode(views, tiles)
             times = []
-            for _ in range(spec["repeats"]):
+            for _ in range(repeats):
                 _sync(device)
                 start = time.perf_counter()
                 out = encode(views, tiles)
@@ -196,7 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown paths {sorted(unknown)}; choose from {sorted(PATHS)}")
     modes = args.modes.split(",")
-    repeats = args.repeats or (1 if args.quick else 3)
+
+    def repeats_for(mode: str, batch: int) -> int:
+        """Timed runs (the best counts): 3, or with --quick 1, except 2 for the headline Base batch-1 figure."""
+        if args.repeats:
+            return args.repeats
+        return (2 if (mode, batch) == ("base", 1) else 1) if args.quick else 3
+
     runs = [run for run in plan(args.quick, names) if run[1] in modes]
 
     print(
@@ -222,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = {
                 "path": path, "mode": vars(MODES[mode]), "batches": batches, "device": args.device,
                 "dtype": args.dtype, "config": config.to_dict(), "weights": str(weights), "threads": args.threads,
-                "repeats": repeats, "warmup": 1, "output": str(tmp / f"{path}-{mode}.pt"),
+                "repeats": [repeats_for(mode, batch) for batch in batches], "warmup": 0 if args.quick and mode in ("large", "gundam") else 1, "output": str(tmp / f"{path}-{mode}.pt"),
                 "result": str(tmp / f"{path}-{mode}.json"),
             }  # fmt: skip
             spec_file = tmp / f"{path}-{mode}.spec.json"
