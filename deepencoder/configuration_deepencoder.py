@@ -51,9 +51,9 @@ class DeepEncoderSamConfig(PretrainedConfig):
         use_abs_pos: absolute position embedding.
         out_channels: neck width (segment-anything's image embedding width).
         compressor_channels: output widths of the stride-2 convs after the neck (`net_2`, `net_3`).
-        rel_pos_attention: how SDPA receives the relative-position bias: `mask` (an additive mask built per block
-            of query rows, at most 32 MB at a time; the default, fastest in `benchmarks/tower.py`) or `folded`
-            (appended to q and k as extra channels, no mask at all, but q/k/v widen from 64 to 64 + H + W).
+        rel_pos_attention: how SDPA receives the relative-position bias: `folded` (appended to q and k as extra
+            channels, no N x N mask; the default, fastest on Base pages in `benchmarks/tower.py`) or `mask` (an
+            additive mask built per block of query rows, at most 32 MB at a time).
     """
 
     model_type = "deepencoder_sam"
@@ -76,7 +76,7 @@ class DeepEncoderSamConfig(PretrainedConfig):
         use_abs_pos: bool = True,
         out_channels: int = 256,
         compressor_channels: list[int] | tuple[int, ...] = (512, 1024),
-        rel_pos_attention: str = "mask",
+        rel_pos_attention: str = "folded",
         **kwargs: Any,
     ) -> None:
         if rel_pos_attention not in ("folded", "mask"):
