@@ -222,6 +222,22 @@ def build_dataset(kind: str, **kwargs) -> Dataset:
     raise ValueError(f"unknown dataset kind {kind!r}; choose synthetic | folder | manifest")
 
 
+def dataset_from_settings(data) -> Dataset:
+    """The dataset a run's `DataSettings` describe (`kind` synthetic | folder | manifest)."""
+    if data.kind == "synthetic":
+        return build_dataset(
+            "synthetic",
+            num_samples=data.num_samples,
+            size=data.size,
+            lines=data.lines,
+            words_per_line=data.words_per_line,
+            font_size=data.font_size,
+            font=data.font,
+            seed=data.seed,
+        )
+    return build_dataset(data.kind, root=data.root, manifest=data.manifest, texts=data.texts)
+
+
 def pixel_batch(images: Sequence[Image.Image], processor) -> dict:
     """Pages -> the tower's inputs through a `DeepEncoderImageProcessor` (pixel_values, tiles, tile_grids)."""
     inputs = processor(images=list(images), return_tensors="pt")

@@ -17,7 +17,7 @@ from torch import nn
 from ..image_processing_deepencoder import DeepEncoderImageProcessor
 from ..modeling_deepencoder import DeepEncoderModel
 from .config import TOWER_PRESETS, LanguageModelSettings, OcrFinetuneConfig, TowerSettings, config_to_dict
-from .data import build_dataset, pixel_batch
+from .data import dataset_from_settings, pixel_batch
 from .freezing import trainable_summary
 from .lora import apply_lora
 from .text import ByteTokenizer, text_batch
@@ -103,19 +103,7 @@ def build_ocr_run(config: OcrFinetuneConfig):
     """(OcrVisionLanguageModel, dataset, collate, tokenizer, processor) for a config."""
     data = config.data
     torch.manual_seed(config.train.seed)
-    if data.kind == "synthetic":
-        dataset = build_dataset(
-            "synthetic",
-            num_samples=data.num_samples,
-            size=data.size,
-            lines=data.lines,
-            words_per_line=data.words_per_line,
-            font_size=data.font_size,
-            font=data.font,
-            seed=data.seed,
-        )
-    else:
-        dataset = build_dataset(data.kind, root=data.root, manifest=data.manifest, texts=data.texts)
+    dataset = dataset_from_settings(data)
     language_model, tokenizer = build_language_model(config.language_model)
     processor = None
     if data.kind == "manifest":

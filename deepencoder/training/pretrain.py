@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 from .config import SamPretrainConfig, config_to_dict
-from .data import build_dataset, stack_pixels
+from .data import dataset_from_settings, stack_pixels
 from .mim import SamMaskedImageModeling, random_patch_mask
 from .ocr import build_tower
 from .trainer import Trainer, save_loss_curve
@@ -49,21 +49,9 @@ def build_mim_run(config: SamPretrainConfig):
     """(SamMaskedImageModeling, tower, dataset, collate)."""
     data, mim = config.data, config.mim
     torch.manual_seed(config.train.seed)
-    if data.kind == "synthetic":
-        dataset = build_dataset(
-            "synthetic",
-            num_samples=data.num_samples,
-            size=data.size,
-            lines=data.lines,
-            words_per_line=data.words_per_line,
-            font_size=data.font_size,
-            font=data.font,
-            seed=data.seed,
-        )
-    elif data.kind == "folder":
-        dataset = build_dataset("folder", root=data.root)
-    else:
+    if data.kind not in ("synthetic", "folder"):
         raise ValueError("SAM pretraining reads pages: data.kind must be synthetic or folder")
+    dataset = dataset_from_settings(data)
     tower = build_tower(config.tower)
     tower.freeze("sam.neck", "sam.compressor")  # outside the objective; frozen so DDP sees no unused parameters
     if data.image_size % tower.config.sam_config.patch_size:
