@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..modeling_deepencoder import DeepEncoderModel
-from .common import KeyTable, map_keys
+from .common import KeyTable, map_stage_keys
 from .io import CheckpointError
 from .report import ConversionReport
 
@@ -113,9 +113,7 @@ def convert_open_clip(
     DeepEncoder `clip.*` tensors. `attn.in_proj_weight` is already q, k, v stacked, as `qkv_proj` expects."""
     report = ConversionReport(source=source)
     vision, original = _split(state_dict, "open-clip", report)
-    out, unmatched = map_keys(vision, OPEN_CLIP_MAP)
-    if unmatched:
-        raise CheckpointError(f"{source}: keys with no place in the CLIP stage: {[original[k] for k in unmatched]}")
+    out = map_stage_keys(vision, OPEN_CLIP_MAP, source, "CLIP", original)
     report.converted = sorted(out)
     return out, report
 
@@ -143,9 +141,7 @@ def convert_hf_clip(
                 some = original[next(iter(found.values()))]
                 raise CheckpointError(f"{source}: {some} has no {'/'.join(absent)} beside it to fuse into {target_key}")
             fused[target_key] = torch.cat([vision.pop(found[p]) for p in parts], dim=0)
-    out, unmatched = map_keys(vision, HF_CLIP_MAP)
-    if unmatched:
-        raise CheckpointError(f"{source}: keys with no place in the CLIP stage: {[original[k] for k in unmatched]}")
+    out = map_stage_keys(vision, HF_CLIP_MAP, source, "CLIP", original)
     out.update(fused)
     report.converted = sorted(out)
     return out, report

@@ -111,6 +111,17 @@ def map_keys(state_dict: dict[str, torch.Tensor], table: KeyTable) -> tuple[dict
     return out, unmatched
 
 
+def map_stage_keys(
+    state_dict: dict[str, torch.Tensor], table: KeyTable, source: str, stage: str, original: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    """`map_keys` for one stage, strictly: any key no row matches is an error naming it as the source spelled it
+    (`original`: mapped name -> source key)."""
+    out, unmatched = map_keys(state_dict, table)
+    if unmatched:
+        raise CheckpointError(f"{source}: keys with no place in the {stage} stage: {[original[k] for k in unmatched]}")
+    return out
+
+
 def check_state_dict(
     model: torch.nn.Module,
     state_dict: dict[str, torch.Tensor],

@@ -12,8 +12,7 @@ from typing import Any
 import torch
 
 from ..modeling_deepencoder import DeepEncoderModel
-from .common import KeyTable, map_keys
-from .io import CheckpointError
+from .common import KeyTable, map_stage_keys
 from .report import ConversionReport
 
 # segment-anything `ImageEncoderViT` names (after `image_encoder.`) -> DeepEncoder names
@@ -83,9 +82,7 @@ def _convert(
             name = "\0" + key  # outside the image encoder and not a known part: matches no row
         encoder[name] = tensor
         original[name] = key
-    out, unmatched = map_keys(encoder, table)
-    if unmatched:
-        raise CheckpointError(f"{source}: keys with no place in the SAM stage: {[original[k] for k in unmatched]}")
+    out = map_stage_keys(encoder, table, source, "SAM", original)
     report.converted = sorted(out)
     return out, report
 
