@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 from helpers import random_model, rel_err, tiny_config
 
-from deepencoder.modeling_sam import decomposed_rel_pos, folded_rel_pos_attention, masked_rel_pos_attention
+from deepencoder import modeling_sam
+from deepencoder.modeling_sam import (
+    decomposed_rel_pos,
+    folded_rel_pos_attention,
+    masked_rel_pos_attention,
+    window_partition,
+    window_unpartition,
+)
 
 TOL = 1e-5
 
@@ -27,11 +34,49 @@ def _eager(q, k, v, rel_h, rel_w):
     return logits.softmax(-1) @ v
 
 
-@pytest.mark.parametrize("elements", [1, 2 * 3 * 35 * 4, 2 * 3 * 35 * 35, 10**9])  # rows: 1, 4 (ragged), all, all
-def test_blocked_mask_equals_eager(elements):
+# per block of (heads x rows), 3 heads x 35 rows in all: 1 x 1, 1 x 4 (ragged rows), 2 x 35 (ragged heads), all
+@pytest.mark.parametrize("elements", [1, 2 * 35 * 4, 2 * 35 * 35 * 2, 10**9])
+@pytest.mark.parametrize("inference", [False, True], ids=["autograd", "inference"])
+def test_blocked_mask_equals_eager(elements, inference):
+    """Both the functional form (autograd, tracing) and the write-into-one-buffer form (inference)."""
     q, k, v, rel_h, rel_w = _attention_inputs()
     expected = _eager(q, k, v, rel_h, rel_w)
-    actual = masked_rel_pos_attention(q, k, v, rel_h, rel_w, mask_block_elements=elements)
+    with torch.inference_mode(inference):
+        actual = masked_rel_pos_attention(q, k, v, rel_h, rel_w, mask_block_elements=elements)
+    assert actual.shape == expected.shape
+    assert rel_err(actual, expected) < TOL
+
+
+def test_window_block_skips_padding_in_projections():
+    """A windowed block on a grid that needs padding (qkv/proj on the unpadded grid, padded keys/values = qkv
+    bias) against segment-anything's order: zero-pad the normed input, then the whole attention per window."""
+    config = tiny_config()
+    model = random_model(config)
+    block = next(b for b in model.sam.blocks if b.window_size > 0)
+    window = block.window_size
+    x = torch.randn(2, 2 * window + 3, window + 5, config.sam_config.hidden_size)
+    assert block.attn.qkv.bias.abs().max() > 0
+    normed = block.norm1(x)
+    windows, padded = window_partition(normed, window)
+    attended = window_unpartition(block.attn(windows), window, padded, x.shape[1:3])
+    hidden = x + attended
+    expected = hidden + block.mlp(block.norm2(hidden))
+    with torch.inference_mode():
+        fast = block(x)
+    plain = block(x.clone().requires_grad_())
+    assert rel_err(fast, expected.detach()) < TOL
+    assert rel_err(plain.detach(), expected.detach()) < TOL
+
+
+def test_chunked_inference_mlp_equals_one_launch(monkeypatch):
+    model = random_model()
+    mlp = model.sam.blocks[0].mlp
+    x = torch.randn(3, 10, 7, mlp.lin1.in_features)
+    expected = mlp(x.requires_grad_()).detach()
+    monkeypatch.setattr(modeling_sam, "MLP_CHUNK_TOKENS", 64)  # 210 tokens: 3 full chunks and a ragged one
+    with torch.inference_mode():
+        actual = mlp(x)
+    assert actual.shape == expected.shape
     assert rel_err(actual, expected) < TOL
 
 
