@@ -21,8 +21,9 @@ REL_POS_MODES = ("folded", "mask")
 # of a 1024 px global view, so the mask and that head's keys and values stay in cache while the fused kernel reads
 # them (and the CPU allocator recycles the block instead of page-faulting fresh memory in)
 MASK_BLOCK_ELEMENTS = 2**22
-# tokens per MLP launch at inference: one 1024 px view's grid; larger batches run in chunks of it
-MLP_CHUNK_TOKENS = 4096
+# largest temporary the CPU inference path allocates in one piece: glibc serves larger blocks by mmap, which the
+# kernel zero-fills page by page on every use instead of recycling them from the heap (30 MB: under the 32 MB cap)
+CPU_TEMPORARY_BYTES = 30 * 2**20
 
 
 def resize_abs_pos(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -116,6 +117,18 @@ def _static_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling around `module` (using its weights directly) would skip a forward hook."""
+    from torch.nn.modules import module as module_base
+
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module_base._global_forward_hooks
+        or module_base._global_forward_pre_hooks
+    )
+
+
 def masked_rel_pos_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -172,14 +185,54 @@ class SamAttention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.attend(self.qkv(hidden_states)))
+    def forward(self, hidden_states: torch.Tensor, window_size: int = 0) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C): attention over the whole grid, or within window_size x window_size
+        windows (window_size > 0; the grid padded up to whole windows as segment-anything pads it).
 
-    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
-        """The attention between the two projections: qkv (B, H, W, 3C) -> (B, H, W, C), before `proj`."""
-        batch, height, width, _ = qkv.shape
-        qkv = qkv.reshape(batch, height * width, 3, self.num_heads, -1)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, hd)
+        qkv and proj are per token, so they run on the H x W grid only: segment-anything pads the normed input
+        with zeros before windowing, and a zero token projects to what `qkv` gives for zeros (its bias), so the
+        padded keys and values are filled with that instead (same result, ~20% fewer qkv/proj FLOPs at 64 x 64
+        with 14 x 14 windows).
+        """
+        projections = self.project(hidden_states)
+        if window_size <= 0:
+            return self.proj(self.attend(*projections))
+        height, width = hidden_states.shape[1], hidden_states.shape[2]
+        if height % window_size or width % window_size:
+            fills = self._zero_token_projections(hidden_states)
+            projections = [pad_grid(p, window_size, fill) for p, fill in zip(projections, fills)]
+        windows = [window_partition(p, window_size)[0] for p in projections]
+        padded = (projections[0].shape[1], projections[0].shape[2])
+        return self.proj(window_unpartition(self.attend(*windows), window_size, padded, (height, width)))
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, H, W, C) -> query, key, value, each (B, H, W, C).
+
+        On the CPU without autograd a plain `qkv` Linear runs as three launches on slices of its weight: each
+        output then stays under glibc's 32 MB mmap threshold at 1024 px, so it is recycled from the heap instead of
+        page-faulted in afresh (one (4096, 2304) fp32 output: ~30% slower). Anything else (autograd, tracing, GPUs,
+        a wrapped `qkv` such as a LoRA layer, hooks on `qkv`) runs the module once and splits its output.
+        """
+        qkv = self.qkv
+        eager_cpu_inference = hidden_states.device.type == "cpu" and not (torch.is_grad_enabled() or _static_tracing())
+        if type(qkv) is nn.Linear and eager_cpu_inference and not _has_hooks(qkv):
+            weights = qkv.weight.chunk(3)
+            biases = qkv.bias.chunk(3) if qkv.bias is not None else (None,) * 3
+            return tuple(F.linear(hidden_states, w, b) for w, b in zip(weights, biases))
+        return qkv(hidden_states).chunk(3, dim=-1)
+
+    def _zero_token_projections(self, like: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """What `qkv` gives a zero (padding) token, as (q, k, v) fills: a plain Linear's bias (None: zeros)."""
+        if type(self.qkv) is nn.Linear:
+            return self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
+        return self.qkv(like.new_zeros(like.shape[-1])).chunk(3)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """The attention between the two projections: query/key/value (B, H, W, C) -> (B, H, W, C), before `proj`."""
+        batch, height, width, _ = query.shape
+        query, key, value = (
+            x.reshape(batch, height * width, self.num_heads, -1).transpose(1, 2) for x in (query, key, value)
+        )  # each (B, heads, N, hd)
 
         rel_h = rel_w = None
         if self.use_rel_pos:
@@ -248,14 +301,20 @@ class SamMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., C) -> (..., C)."""
-        if torch.is_grad_enabled() or x.shape[:-1].numel() <= MLP_CHUNK_TOKENS:
+        if torch.is_grad_enabled() or x.device.type != "cpu" or _static_tracing():
             return self._mlp(x)
-        # inference on many tokens (batched pages): one chunk of tokens at a time, so the (tokens x mlp_dim)
-        # activation is allocated once per chunk and stays a size the allocator recycles
+        tokens = x.shape[:-1].numel()
+        per_token = self.lin1.out_features * x.element_size()
+        if tokens * per_token <= CPU_TEMPORARY_BYTES:
+            return self._mlp(x)
+        # CPU inference: the (tokens x mlp_dim) activation in equal chunks under glibc's mmap threshold, recycled
+        # from the heap instead of page-faulted in afresh for every block
+        chunks = -(-tokens * per_token // CPU_TEMPORARY_BYTES)
+        step = -(-tokens // chunks)
         flat = x.reshape(-1, x.shape[-1])
-        out = flat.new_empty(flat.shape[0], self.lin2.out_features)
-        for start in range(0, flat.shape[0], MLP_CHUNK_TOKENS):
-            out[start : start + MLP_CHUNK_TOKENS] = self._mlp(flat[start : start + MLP_CHUNK_TOKENS])
+        out = flat.new_empty(tokens, self.lin2.out_features)
+        for start in range(0, tokens, step):
+            out[start : start + step] = self._mlp(flat[start : start + step])
         return out.view(*x.shape[:-1], -1)
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,23 +338,11 @@ class SamBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (B, H, W, C) -> (B, H, W, C)."""
-        x = self.norm1(hidden_states)
-        if self.window_size > 0:
-            # qkv and proj are per token, so they run on the H x W grid only: the padding SAM adds before
-            # windowing is zeros, whose qkv is the bias, so the padded keys and values are the bias (same result,
-            # ~20% fewer qkv/proj FLOPs at 64 x 64 with 14 x 14 windows)
-            height, width = x.shape[1], x.shape[2]
-            attention = self.attn
-            qkv = pad_grid(attention.qkv(x), self.window_size, attention.qkv.bias)
-            windows, padded = window_partition(qkv, self.window_size)
-            x = window_unpartition(attention.attend(windows), self.window_size, padded, (height, width))
-            x = attention.proj(x)
-        else:
-            x = self.attn(x)
-        if torch.is_grad_enabled():
+        x = self.attn(self.norm1(hidden_states), self.window_size)
+        if torch.is_grad_enabled() or _has_hooks(self.attn) or _has_hooks(self.mlp):
             hidden_states = hidden_states + x
             return hidden_states + self.mlp(self.norm2(hidden_states))
-        # inference: the residual sums reuse the fresh branch outputs instead of allocating new grids
+        # inference: the residual sums reuse the fresh branch outputs (no hook holds them) instead of allocating
         hidden_states = x.add_(hidden_states)
         return self.mlp(self.norm2(hidden_states)).add_(hidden_states)
 

@@ -73,7 +73,8 @@ def test_chunked_inference_mlp_equals_one_launch(monkeypatch):
     mlp = model.sam.blocks[0].mlp
     x = torch.randn(3, 10, 7, mlp.lin1.in_features)
     expected = mlp(x.requires_grad_()).detach()
-    monkeypatch.setattr(modeling_sam, "MLP_CHUNK_TOKENS", 64)  # 210 tokens: 3 full chunks and a ragged one
+    per_token = mlp.lin1.out_features * x.element_size()
+    monkeypatch.setattr(modeling_sam, "CPU_TEMPORARY_BYTES", 64 * per_token)  # 210 tokens: 4 chunks of 53 / 51
     with torch.inference_mode():
         actual = mlp(x)
     assert actual.shape == expected.shape
@@ -154,3 +155,29 @@ def test_eager_attention_matches_sdpa_formula():
     q, k, v, rel_h, rel_w = _attention_inputs()
     mask = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
     assert rel_err(_eager(q, k, v, rel_h, rel_w), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)) < TOL
+
+
+def test_inference_fast_path_keeps_module_hooks():
+    """With hooks on `attn`, `qkv` or `mlp` the fast path calls those modules (hooks fire) and leaves the outputs
+    a hook kept untouched (no in-place residual sums on them)."""
+    model = random_model()
+    block = next(b for b in model.sam.blocks if b.window_size > 0)
+    kept = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            kept.setdefault(name, (output, output.clone()))  # the inference call's outputs
+
+        return hook
+
+    for name in ("attn", "mlp"):
+        getattr(block, name).register_forward_hook(keep(name))
+    block.attn.qkv.register_forward_hook(keep("qkv"))
+    x = torch.randn(1, 13, 11, block.norm1.normalized_shape[0])
+    with torch.inference_mode():
+        fast = block(x)
+    expected = block(x.clone().requires_grad_()).detach()
+    assert set(kept) == {"attn", "mlp", "qkv"}
+    for name, (output, snapshot) in kept.items():
+        assert torch.equal(output, snapshot), name
+    assert rel_err(fast, expected) < TOL
