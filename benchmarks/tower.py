@@ -87,12 +87,12 @@ def timed_runs(quick: bool, path: str, mode: str, batch: int) -> int:
 
 def warmup(quick: bool, path: str, mode: str) -> str | None:
     """The mode of the one untimed run before a configuration's first batch size, or None. Full runs: the same
-    mode. --quick: a tiny page for the headline pair (it starts thread pools and kernels; best-of rounds are in the
-    interleaved step), the tiny mode itself for every path, nothing for the rest (their per-size set-up is done
-    before timing either way)."""
-    if not quick:
+    mode. --quick: the same mode for every path on tiny and the headline pair on base, a tiny page for the
+    headline pair on small (it starts thread pools and kernels), nothing for the rest (their per-size set-up is
+    done before timing either way)."""
+    if not quick or mode == "tiny" or (path in HEADLINE and mode == "base"):
         return mode
-    if mode == "tiny" or (path in HEADLINE and mode in ("small", "base")):
+    if path in HEADLINE and mode == "small":
         return "tiny"
     return None
 
@@ -437,7 +437,8 @@ def summary(records: list[dict], interleaved: dict[str, list[float]] | None = No
             if ours and peer and "seconds" in ours[0] and "seconds" in peer[0]:
                 o, p = ours[0], peer[0]
                 lines.append(
-                    f"{mode} b{batch}: ours {o['seconds']:.2f} s ({100 * o['fraction_of_peak']:.0f}% of matmul peak, "
+                    f"{mode} b{batch}, own processes (best of {len(o['times'])} / {len(p['times'])} runs): "
+                    f"ours {o['seconds']:.2f} s ({100 * o['fraction_of_peak']:.0f}% of matmul peak, "
                     f"{o['peak_mb']:.0f} MB) vs transformers {p['seconds']:.2f} s ({p['peak_mb']:.0f} MB): "
                     f"{p['seconds'] / o['seconds']:.2f}x" + ("" if o.get("correct", True) else " (ours WRONG)")
                 )
