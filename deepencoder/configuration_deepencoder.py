@@ -52,8 +52,9 @@ class DeepEncoderSamConfig(PretrainedConfig):
         out_channels: neck width (segment-anything's image embedding width).
         compressor_channels: output widths of the stride-2 convs after the neck (`net_2`, `net_3`).
         rel_pos_attention: how SDPA receives the relative-position bias: `mask` (the default: an additive mask
-            built per block of query rows, at most 32 MB at a time; fastest on CPU in `benchmarks/tower.py`, e.g.
-            10.8 s vs 12.5 s per Base page on a quiet 2-core machine) or `folded` (appended to q and k as extra
+            built per block of (heads x query rows), at most 16 MB at a time, so it stays in cache while the fused
+            kernel reads it; fastest on CPU in `benchmarks/tower.py`: a global block's attention 0.49 s against
+            1.2 s folded at 1024 px on a 2-core machine) or `folded` (appended to q and k as extra
             channels so a mask-free fused kernel runs; q/k/v get 3x wider heads in global blocks).
     """
 
