@@ -79,7 +79,7 @@ def plan(quick: bool, paths: list[str]) -> list[tuple[str, str, list[int]]]:
     return runs
 
 
-def timed_runs(quick: bool, path: str, mode: str, batch: int) -> int:
+def timed_runs(quick: bool) -> int:
     """Timed runs per configuration (the best counts): 3, or 1 with --quick (whose headline figure comes from the
     interleaved rounds of `interleaved_worker` instead)."""
     return 1 if quick else 3
@@ -164,19 +164,34 @@ def _reset_peak_rss() -> None:
 
 
 # ------------------------------------------------------------------ worker (one fresh process per path and mode)
-def worker(spec: dict) -> None:
+def _build(spec: dict, paths: list[str]) -> tuple[dict, str, torch.dtype]:
+    """A worker's set-up: thread count, then each path built on the shared weights -> ({path: encode}, device,
+    dtype)."""
     from safetensors.torch import load_file
 
     from benchmarks.peers import PATHS
 
     torch.set_num_threads(spec["threads"])
     device, dtype = spec["device"], DTYPES[spec["dtype"]]
-    mode = Mode(**spec["mode"])
     config = DeepEncoderConfig.from_dict(spec["config"])
     state_dict = load_file(spec["weights"])
+    return {path: PATHS[path][0](state_dict, config, device, dtype) for path in paths}, device, dtype
+
+
+def _timed(encode, views: torch.Tensor, tiles: torch.Tensor | None, device: str) -> tuple[float, torch.Tensor]:
+    """(seconds, output) of one encode, the device synchronised on both sides."""
+    _sync(device)
+    start = time.perf_counter()
+    out = encode(views, tiles)
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def worker(spec: dict) -> None:
     build_start = time.perf_counter()
-    encode = PATHS[spec["path"]][0](state_dict, config, device, dtype)
-    del state_dict
+    encoders, device, dtype = _build(spec, [spec["path"]])
+    encode = encoders[spec["path"]]
+    mode = Mode(**spec["mode"])
     gc.collect()
     _reset_peak_rss()
     results = {"build_s": time.perf_counter() - build_start, "batches": {}}
@@ -192,11 +207,8 @@ def worker(spec: dict) -> None:
                 encode(*inputs(MODES[spec["warmup"]] if index == 0 else mode, batch, dtype, device))
             times = []
             for _ in range(repeats):
-                _sync(device)
-                start = time.perf_counter()
-                out = encode(views, tiles)
-                _sync(device)
-                times.append(time.perf_counter() - start)
+                seconds, out = _timed(encode, views, tiles, device)
+                times.append(seconds)
             results["batches"][str(batch)] = {"times": times, "peak_mb": _peak_memory_mb(device)}
             if index == 0:
                 torch.save(out.float().cpu(), spec["output"])
@@ -207,16 +219,7 @@ def worker(spec: dict) -> None:
 def interleaved_worker(spec: dict) -> None:
     """The headline pair in one process, alternating one run of each per round (after a tiny-page warm-up), so a
     machine whose speed drifts (a shared VM) slows both alike; the ratio of the best rounds is the headline."""
-    from safetensors.torch import load_file
-
-    from benchmarks.peers import PATHS
-
-    torch.set_num_threads(spec["threads"])
-    device, dtype = spec["device"], DTYPES[spec["dtype"]]
-    config = DeepEncoderConfig.from_dict(spec["config"])
-    state_dict = load_file(spec["weights"])
-    encoders = {path: PATHS[path][0](state_dict, config, device, dtype) for path in spec["paths"]}
-    del state_dict
+    encoders, device, dtype = _build(spec, spec["paths"])
     times: dict[str, list[float]] = {path: [] for path in encoders}
     with torch.inference_mode():
         views, tiles = inputs(Mode(**spec["mode"]), 1, dtype, device)
@@ -224,11 +227,7 @@ def interleaved_worker(spec: dict) -> None:
             encode(*inputs(MODES["tiny"], 1, dtype, device))
         for _ in range(spec["rounds"]):
             for path, encode in encoders.items():
-                _sync(device)
-                start = time.perf_counter()
-                encode(views, tiles)
-                _sync(device)
-                times[path].append(time.perf_counter() - start)
+                times[path].append(_timed(encode, views, tiles, device)[0])
     Path(spec["result"]).write_text(json.dumps(times))
 
 
@@ -295,15 +294,10 @@ def main(argv: list[str] | None = None) -> int:
             spec = {
                 "path": path, "mode": vars(MODES[mode]), "batches": batches, "device": args.device,
                 "dtype": args.dtype, "config": config.to_dict(), "weights": str(weights), "threads": args.threads,
-                "repeats": [args.repeats or timed_runs(args.quick, path, mode, batch) for batch in batches], "warmup": warmup(args.quick, path, mode), "output": str(tmp / f"{path}-{mode}.pt"),
+                "repeats": [args.repeats or timed_runs(args.quick) for _ in batches], "warmup": warmup(args.quick, path, mode), "output": str(tmp / f"{path}-{mode}.pt"),
                 "result": str(tmp / f"{path}-{mode}.json"),
             }  # fmt: skip
-            spec_file = tmp / f"{path}-{mode}.spec.json"
-            spec_file.write_text(json.dumps(spec))
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.tower", "--worker", str(spec_file)],
-                cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
-            )  # fmt: skip
+            proc = _spawn(spec, tmp / f"{path}-{mode}.spec.json")
             if proc.returncode:
                 print(f"{path} {mode}: FAILED\n{proc.stderr[-2000:]}", flush=True)
                 records.append({"path": path, "mode": mode, "batch": batches[0], "error": proc.stderr[-2000:]})
@@ -334,11 +328,7 @@ def main(argv: list[str] | None = None) -> int:
                 "device": args.device, "dtype": args.dtype, "config": config.to_dict(), "weights": str(weights),
                 "threads": args.threads, "result": str(tmp / "interleaved.json"),
             }  # fmt: skip
-            (tmp / "interleaved.spec.json").write_text(json.dumps(spec))
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.tower", "--worker", str(tmp / "interleaved.spec.json")],
-                cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
-            )  # fmt: skip
+            proc = _spawn(spec, tmp / "interleaved.spec.json")
             if proc.returncode:
                 print(f"interleaved headline: FAILED\n{proc.stderr[-2000:]}", flush=True)
             else:
@@ -372,6 +362,15 @@ def main(argv: list[str] | None = None) -> int:
     _chart(records, args.out / f"{stem}.png", f"{args.device} {args.dtype}, peak {peak:.0f} GFLOP/s")
     print(f"wrote {args.out / stem}.json and .png")
     return 0
+
+
+def _spawn(spec: dict, spec_file: Path) -> subprocess.CompletedProcess:
+    """Run one worker on `spec` in a fresh interpreter (its own peak RSS), output captured."""
+    spec_file.write_text(json.dumps(spec))
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.tower", "--worker", str(spec_file)],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+    )  # fmt: skip
 
 
 def _random_weights(config: DeepEncoderConfig, path: Path) -> None:

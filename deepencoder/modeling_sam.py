@@ -117,6 +117,16 @@ def _static_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
+def _eager_cpu_inference(x: torch.Tensor) -> bool:
+    """True for CPU tensors run eagerly without autograd: where the CPU-only allocation-size fast paths apply."""
+    return x.device.type == "cpu" and not (torch.is_grad_enabled() or _static_tracing())
+
+
+def _qkv_biases(qkv: nn.Linear) -> tuple[torch.Tensor | None, ...]:
+    """A fused qkv Linear's bias split into its q, k and v parts (None each without a bias)."""
+    return qkv.bias.chunk(3) if qkv.bias is not None else (None,) * 3
+
+
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling around `module` (using its weights directly) would skip a forward hook."""
     from torch.nn.modules import module as module_base
@@ -153,7 +163,7 @@ def masked_rel_pos_attention(
     heads_per_block = max(1, min(heads, mask_block_elements // (rows * per_row)))
     if rows >= n and heads_per_block >= heads:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=rel_pos_mask(rel_h, rel_w))
-    blocks = [(h, r) for h in range(0, heads, heads_per_block) for r in range(0, n, rows)]
+    head_starts, row_starts = range(0, heads, heads_per_block), range(0, n, rows)
 
     def block(h: int, r: int) -> torch.Tensor:
         hs, rs = slice(h, h + heads_per_block), slice(r, r + rows)
@@ -161,11 +171,11 @@ def masked_rel_pos_attention(
         return F.scaled_dot_product_attention(query[:, hs, rs], key[:, hs], value[:, hs], attn_mask=mask)
 
     if torch.is_grad_enabled() or _static_tracing():
-        by_head = [torch.cat([block(h, r) for r in range(0, n, rows)], dim=2) for h in range(0, heads, heads_per_block)]
-        return torch.cat(by_head, dim=1)
+        return torch.cat([torch.cat([block(h, r) for r in row_starts], dim=2) for h in head_starts], dim=1)
     out = query.new_empty(batch, n, heads, head_dim)
-    for h, r in blocks:
-        out[:, r : r + rows, h : h + heads_per_block] = block(h, r).transpose(1, 2)
+    for h in head_starts:
+        for r in row_starts:
+            out[:, r : r + rows, h : h + heads_per_block] = block(h, r).transpose(1, 2)
     return out.transpose(1, 2)
 
 
@@ -214,17 +224,14 @@ class SamAttention(nn.Module):
         a wrapped `qkv` such as a LoRA layer, hooks on `qkv`) runs the module once and splits its output.
         """
         qkv = self.qkv
-        eager_cpu_inference = hidden_states.device.type == "cpu" and not (torch.is_grad_enabled() or _static_tracing())
-        if type(qkv) is nn.Linear and eager_cpu_inference and not _has_hooks(qkv):
-            weights = qkv.weight.chunk(3)
-            biases = qkv.bias.chunk(3) if qkv.bias is not None else (None,) * 3
-            return tuple(F.linear(hidden_states, w, b) for w, b in zip(weights, biases))
+        if type(qkv) is nn.Linear and _eager_cpu_inference(hidden_states) and not _has_hooks(qkv):
+            return tuple(F.linear(hidden_states, w, b) for w, b in zip(qkv.weight.chunk(3), _qkv_biases(qkv)))
         return qkv(hidden_states).chunk(3, dim=-1)
 
     def _zero_token_projections(self, like: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """What `qkv` gives a zero (padding) token, as (q, k, v) fills: a plain Linear's bias (None: zeros)."""
         if type(self.qkv) is nn.Linear:
-            return self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
+            return _qkv_biases(self.qkv)
         return self.qkv(like.new_zeros(like.shape[-1])).chunk(3)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -301,7 +308,7 @@ class SamMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., C) -> (..., C)."""
-        if torch.is_grad_enabled() or x.device.type != "cpu" or _static_tracing():
+        if not _eager_cpu_inference(x):
             return self._mlp(x)
         tokens = x.shape[:-1].numel()
         per_token = self.lin1.out_features * x.element_size()
@@ -319,7 +326,7 @@ class SamMLP(nn.Module):
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.lin1(x)  # (..., mlp_dim)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and hidden.requires_grad:
             return self.lin2(self.act(hidden))
         # inference: activate in place, one (tokens x mlp_dim) buffer instead of two
         return self.lin2(F.gelu(hidden, approximate=self.act.approximate, out=hidden))
