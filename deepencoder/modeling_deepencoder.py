@@ -13,6 +13,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_deepencoder import DeepEncoderConfig
+from .freezing import FreezeTargets, FreezingMixin
 from .layout import layout_page
 from .modeling_clip import ClipEmbeddings, DeepEncoderClipModel
 from .modeling_sam import DeepEncoderSamModel, SamAttention
@@ -61,7 +62,33 @@ class DeepEncoderOutput(ModelOutput):
     tile_clip_hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
-class DeepEncoderPreTrainedModel(PreTrainedModel):
+FREEZE_TARGETS = FreezeTargets(
+    roots=("sam.", "clip.", "projector.", "image_newline", "view_separator"),
+    ranges={
+        "sam": "sam.blocks.",
+        "sam.blocks": "sam.blocks.",
+        "clip": "clip.transformer.layers.",
+        "clip.layers": "clip.transformer.layers.",
+    },
+    aliases={
+        "sam.compressor": ("sam.net_",),
+        "clip.layers": ("clip.transformer.layers.",),
+        "projector": ("projector.", "image_newline", "view_separator"),
+        "layout": ("image_newline", "view_separator"),
+    },
+    summary={
+        "sam.patch_embed+pos_embed": ("sam.patch_embed.", "sam.pos_embed"),
+        "sam.blocks": ("sam.blocks.",),
+        "sam.neck": ("sam.neck.",),
+        "sam.compressor": ("sam.net_",),
+        "clip.embeddings+pre_layrnorm": ("clip.embeddings.", "clip.pre_layrnorm."),
+        "clip.layers": ("clip.transformer.layers.",),
+        "projector+layout": ("projector.", "image_newline", "view_separator"),
+    },
+)
+
+
+class DeepEncoderPreTrainedModel(FreezingMixin, PreTrainedModel):
     config_class = DeepEncoderConfig
     config: DeepEncoderConfig
     base_model_prefix = "deepencoder"
@@ -69,6 +96,7 @@ class DeepEncoderPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["SamBlock", "ClipLayer"]
+    _freeze_targets = FREEZE_TARGETS
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -249,24 +277,3 @@ class DeepEncoderModel(DeepEncoderPreTrainedModel):
             tile_clip_hidden_states=tiles_out.clip_hidden_states if tiles_out is not None else None,
         )
         return output if return_dict else output.to_tuple()
-
-    # ------------------------------------------------------------------ training
-    def freeze(self, *targets: str, blocks: Sequence[int] | range | None = None) -> int:
-        """Stop gradients for parts of the tower: `freeze("sam")`, `freeze("clip", "projector")`,
-        `freeze("sam.blocks.0-5")`, `freeze("sam", blocks=range(6))`, `freeze()` (everything). Targets are listed
-        in `deepencoder.training.freezing`. Returns the number of tensors changed."""
-        from .training.freezing import freeze
-
-        return freeze(self, *targets, blocks=blocks)
-
-    def unfreeze(self, *targets: str, blocks: Sequence[int] | range | None = None) -> int:
-        """Inverse of `freeze`, same targets."""
-        from .training.freezing import unfreeze
-
-        return unfreeze(self, *targets, blocks=blocks)
-
-    def trainable_summary(self):
-        """Trainable / total parameters per part (`print()` it for a table)."""
-        from .training.freezing import trainable_summary
-
-        return trainable_summary(self)

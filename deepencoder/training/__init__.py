@@ -4,6 +4,7 @@ data (synthetic pages, folders, the encode manifest), run configs and an `accele
 Needs the `train` extra (peft, matplotlib, pyyaml) for LoRA, plots and YAML configs.
 """
 
+from ..freezing import TrainableSummary, freeze, trainable_summary, unfreeze
 from .config import (
     TOWER_PRESETS,
     DataSettings,
@@ -18,7 +19,6 @@ from .config import (
     load_config,
 )
 from .data import ImageTextFolder, ManifestTokens, SyntheticPages, render_page
-from .freezing import TrainableSummary, freeze, trainable_summary, unfreeze
 from .lora import LORA_TARGETS, apply_lora, lora_targets, merge_lora
 from .mim import SamMaskedImageModeling, patchify, random_patch_mask, unpatchify
 from .ocr import OcrCollator, build_language_model, build_ocr_run, build_tower, ocr_loss, run_ocr_finetune

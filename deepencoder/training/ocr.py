@@ -14,11 +14,11 @@ import torch
 import yaml
 from torch import nn
 
+from ..freezing import trainable_summary
 from ..image_processing_deepencoder import DeepEncoderImageProcessor
 from ..modeling_deepencoder import DeepEncoderModel
 from .config import TOWER_PRESETS, LanguageModelSettings, OcrFinetuneConfig, TowerSettings, config_to_dict
 from .data import dataset_from_settings, pixel_batch
-from .freezing import trainable_summary
 from .lora import apply_lora
 from .text import ByteTokenizer, text_batch
 from .trainer import Trainer, save_loss_curve
