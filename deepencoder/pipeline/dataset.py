@@ -1,11 +1,10 @@
-"""Reading an `encode` output folder back: the manifest as rows, a PyTorch `Dataset` of page tokens, and a
-generator for `datasets.Dataset.from_generator` (`datasets` is optional)."""
+"""Reading an `encode` output folder back (a local path or an fsspec URL): the manifest as rows, a PyTorch `Dataset`
+of page tokens, and a generator for `datasets.Dataset.from_generator` (`datasets` is optional)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,13 +13,22 @@ from torch.utils.data import Dataset
 from . import writer
 
 
+def _split(path: str | os.PathLike) -> tuple[writer.Folder, str | None]:
+    """A folder, or a manifest file -> (its folder, the file's name); `None` for a folder."""
+    location = os.fspath(path).rstrip("/")
+    if location.endswith(".jsonl"):
+        parent, _, name = location.rpartition("/")
+        return writer.Folder(parent or "."), name
+    return writer.Folder(location), None
+
+
 def load_manifest(path: str | os.PathLike, status: str | None = "ok") -> list[dict]:
-    """Rows of `manifest.jsonl` (a folder is taken as its manifest), rank parts of an unfinished multi-process run
-    included. A page that appears more than once (an error retried by a later run) keeps its last row. status:
-    keep only rows of this status (`ok`, `error`), or None for all. Document-level error rows have `page: null`."""
-    path = Path(path)
-    out_dir = path if path.is_dir() else path.parent
-    rows = writer.all_rows(out_dir) if path.is_dir() or path.name == writer.MANIFEST else writer.read_rows(path)
+    """Rows of `manifest.jsonl` (a folder is taken as its manifest; paths and fsspec URLs alike), unmerged parts of
+    an unfinished multi-process run included. A page that appears more than once (an error retried by a later run)
+    keeps its last row. status: keep only rows of this status (`ok`, `error`), or None for all. Document-level error
+    rows have `page: null`."""
+    folder, name = _split(path)
+    rows = writer.all_rows(folder) if name in (None, writer.MANIFEST) else writer.read_rows(name, folder)
     latest: dict[tuple, dict] = {}
     for row in rows:
         page = row.get("page")
@@ -34,27 +42,30 @@ class EncodedPages(Dataset):
     """Page tokens of an encode run: item i is a dict with `image_embeds` ((tokens, dim) tensor as stored),
     `source`, `page`, `tokens`, `grid`, `size`, `mode` and any extra fields of the row (e.g. `text`).
 
-    `output` paths in the manifest are relative to its folder. `dtype` converts on read (e.g. torch.float32)."""
+    `output` paths in the manifest are relative to its folder (a local path or an fsspec URL). `dtype` converts on
+    read (e.g. torch.float32)."""
 
     def __init__(self, manifest: str | os.PathLike, dtype: torch.dtype | None = None) -> None:
-        path = Path(manifest)
-        self.root = path if path.is_dir() else path.parent
-        self.rows = load_manifest(path, status="ok")
+        self.folder = _split(manifest)[0]
+        self.root = self.folder.display()
+        self.rows = load_manifest(manifest, status="ok")
         self.dtype = dtype
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def path(self, index: int) -> Path:
-        output = Path(self.rows[index]["output"])
-        return output if output.is_absolute() else self.root / output
+    def path(self, index: int) -> str:
+        output = self.rows[index]["output"]
+        return output if os.path.isabs(output) or "://" in output else self.folder.display(output)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from safetensors import safe_open
-
         row = self.rows[index]
-        with safe_open(str(self.path(index)), framework="pt") as handle:
-            tokens = handle.get_tensor(row["key"])
+        output = row["output"]
+        if os.path.isabs(output) or "://" in output:
+            folder, relative = _split(output.rsplit("/", 1)[0])[0], output.rsplit("/", 1)[1]
+        else:
+            folder, relative = self.folder, output
+        tokens = writer.read_tensor(folder, relative, row["key"])
         if self.dtype is not None:
             tokens = tokens.to(self.dtype)
         item = {k: v for k, v in row.items() if k not in ("status", "error", "output", "key")}

@@ -1,5 +1,6 @@
 """The encode loop: documents -> pages (worker threads, bounded queue) -> batches through the tower -> parts,
-manifest rows, document files. See `writer` for the on-disk protocol and `encode` for the API."""
+manifest rows, document files. See `writer` for the on-disk protocol and `encode` for the API. `PageWork` is the
+per-page work the local loop and the Ray engine (`pipeline.ray`) share: rows, page preparation, tower batches."""
 
 from __future__ import annotations
 
@@ -12,13 +13,11 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from PIL import Image
 
 from ..image_processing_deepencoder import DeepEncoderImageProcessor, PagePlan
-from ..modeling_deepencoder import DeepEncoderModel
 from . import writer
 from .sources import (
     Document,
@@ -48,7 +47,8 @@ class EncodeOptions:
     pages: 0-based page ranges applied to every multi-page document, e.g. `0-2,5,9-`.
     dpi, max_image_pixels, max_aspect: see `RenderOptions` (dpi None: long side fitted to the mode).
     preview_dir: write `<document>/page.<i>.png` previews there.
-    progress: tqdm bar; sleep_per_batch: seconds slept after each batch (to watch or interrupt a run).
+    progress: progress bars; sleep_per_batch: seconds slept after each batch (to watch or interrupt a run).
+    lock_stale_after: seconds without a heartbeat after which another run's lock on the output folder is stale.
     """
 
     features: str = "projected"
@@ -63,13 +63,15 @@ class EncodeOptions:
     preview_dir: str | os.PathLike | None = None
     progress: bool = True
     sleep_per_batch: float = 0.0
+    lock_stale_after: float = 300.0
 
 
 @dataclass
 class EncodeResult:
-    """Counts of one process's run (all processes' after a multi-process run, on every rank)."""
+    """Counts of one process's run (all processes' after a multi-process run, on every rank). out_dir: the folder
+    as given (a path or URL)."""
 
-    out_dir: Path
+    out_dir: str
     documents: int = 0
     pages_ok: int = 0
     pages_error: int = 0
@@ -83,8 +85,8 @@ class EncodeResult:
         return self.pages_error == 0
 
     @property
-    def manifest(self) -> Path:
-        return self.out_dir / writer.MANIFEST
+    def manifest(self) -> str:
+        return f"{str(self.out_dir).rstrip('/')}/{writer.MANIFEST}"
 
     def summary(self) -> str:
         rate = self.pages_ok / self.seconds if self.seconds else 0.0
@@ -93,7 +95,7 @@ class EncodeResult:
             f"encoded {self.pages_ok} pages ({self.tokens} tokens) of {self.documents} documents in "
             f"{self.seconds:.1f} s: {rate:.2f} pages/s, {token_rate:.0f} tokens/s; {self.pages_skipped} pages "
             f"already done, {self.pages_error} errors",
-            f"outputs: {self.out_dir}/<document>.safetensors, rows: {self.manifest}",
+            f"outputs: {str(self.out_dir).rstrip('/')}/<document>.safetensors, rows: {self.manifest}",
         ]
         for row in self.errors[:20]:
             page = "" if row.get("page") is None else f" page {row['page']}"
@@ -104,15 +106,19 @@ class EncodeResult:
 
 
 @dataclass
-class _DocStart:
+class DocStart:
+    """A document at the start of a run: pages still to encode, pages already written (with the rows stored in
+    their metadata, to restore rows a killed run lost), or the reason it cannot be opened at all."""
+
     document: Document
     todo: list[int]
     skipped: int
+    done_rows: list[dict] = field(default_factory=list)
     error: str | None = None
 
 
 @dataclass
-class _PageInput:
+class PageInput:
     document: Document
     index: int
     plan: PagePlan
@@ -123,7 +129,7 @@ class _PageInput:
 
 
 @dataclass
-class _PageFailure:
+class PageFailure:
     document: Document
     index: int
     error: str
@@ -149,23 +155,28 @@ def shard(documents: Sequence[Document], rank: int, world_size: int) -> list[Doc
     return list(documents[rank::world_size])
 
 
-class _Encoder:
-    def __init__(
-        self,
-        model: DeepEncoderModel,
-        processor: DeepEncoderImageProcessor,
-        out_dir: Path,
-        options: EncodeOptions,
-        rank: int,
-        world_size: int,
-    ) -> None:
+def tower_name(model: torch.nn.Module) -> str:
+    """The tower a model is, as manifest rows name it: its config's `model_type` (`deepencoder`, ...)."""
+    return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+
+
+def _error_text(error: BaseException) -> str:
+    return str(error) if isinstance(error, PageError) else f"{type(error).__name__}: {error}"
+
+
+class PageWork:
+    """What happens to one page, the same in every engine: its manifest row, its preparation (decode / render,
+    plan, global view and tiles as tensors), and tower batches (a failing batch is retried page by page; a page
+    that still fails, or whose token count differs from the processor's plan, becomes an error row). Generic over
+    the tower: any module called as `model(pixel_values=, pixel_values_tiles=, tile_grids=, output_pre_projector=)`
+    returning `image_embeds` / `pre_projector` lists."""
+
+    def __init__(self, processor: DeepEncoderImageProcessor, options: EncodeOptions, tower: str | None = None):
         if options.features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {options.features!r}")
-        self.model = model
         self.processor = processor
-        self.out_dir = out_dir
         self.options = options
-        self.rank, self.world_size = rank, world_size
+        self.tower = tower
         self.render = RenderOptions(
             dpi=options.dpi,
             target_long_side=default_long_side(processor.resolution),
@@ -173,18 +184,10 @@ class _Encoder:
             max_aspect=options.max_aspect,
         )
         self.ranges = parse_page_ranges(options.pages)
-        self.reader = PageReader(self.render)
-        self.preview_dir = Path(options.preview_dir) if options.preview_dir else None
-        parameter = next(model.parameters())
-        self.device, self.compute_dtype = parameter.device, parameter.dtype
-        manifest = out_dir / writer.MANIFEST if world_size == 1 else writer.rank_manifest(out_dir, rank)
-        self.manifest = writer.ManifestWriter(manifest)
-        self.result = EncodeResult(out_dir=out_dir)
-        self.remaining: dict[str, int] = {}
-        self.ok_rows: set[tuple[str, str]] = set()
+        self.preview_dir = os.fspath(options.preview_dir) if options.preview_dir else None
 
     # ------------------------------------------------------------------ rows
-    def _row(self, document: Document, index: int | None, **values) -> dict:
+    def row(self, document: Document, index: int | None, **values) -> dict:
         row = {
             "source": document.source,
             "document": document.name,
@@ -193,6 +196,7 @@ class _Encoder:
             "tokens": None,
             "output": None,
             "key": None,
+            "tower": self.tower,
             "mode": self.processor.mode,
             "grid": None,
             "size": None,
@@ -205,87 +209,68 @@ class _Encoder:
         row.update(values)
         return row
 
-    def _error(self, document: Document, index: int | None, message: str, seconds: float | None = None) -> None:
-        row = self._row(document, index, error=message, seconds=None if seconds is None else round(seconds, 4))
-        self.manifest.append([row])
-        self.result.pages_error += 1
-        self.result.errors.append(row)
+    def error_row(self, document: Document, index: int | None, message: str, seconds: float | None = None) -> dict:
+        return self.row(document, index, error=message, seconds=None if seconds is None else round(seconds, 4))
 
-    # ------------------------------------------------------------------ producer side (threads)
-    def _start_document(self, document: Document) -> _DocStart:
-        """Merge parts a killed run left, restore rows lost with it, decide which pages remain."""
-        final = self.out_dir / document.output
+    # ------------------------------------------------------------------ documents and pages
+    def start_document(self, folder: writer.Folder, document: Document) -> DocStart:
+        """Merge parts a killed run left, read the rows stored with pages already written, decide which remain."""
+        final = document.output
         keys: list[str] = []
         try:
-            keys = writer.merge_document(self.out_dir, document.name)
-            metadata = writer.read_keys(final)[1] if keys else {}
+            keys = writer.merge_document(folder, document.name)
+            metadata = writer.read_keys(folder, final)[1] if keys else {}
         except Exception as error:  # a document file we cannot read is rebuilt from scratch
             metadata = {}
-            print(f"warning: {final}: unreadable ({error}); its pages are encoded again", file=sys.stderr)
+            print(
+                f"warning: {folder.display(final)}: unreadable ({error}); its pages are encoded again", file=sys.stderr
+            )
             keys = []
-            final.unlink(missing_ok=True)
-        restored = [
-            json.loads(metadata[key]) for key in keys if (document.output, key) not in self.ok_rows and key in metadata
-        ]
-        self.manifest.append(restored)
+            folder.remove(final)
+        done_rows = [json.loads(metadata[key]) for key in keys if key in metadata]
         try:
             count = count_pages(document)
-        except PageError as error:
-            return _DocStart(document, [], 0, str(error))
         except Exception as error:  # noqa: BLE001 - bad input never stops the run
-            return _DocStart(document, [], 0, f"{type(error).__name__}: {error}")
+            return DocStart(document, [], 0, done_rows, _error_text(error))
         done = {writer.key_index(key) for key in keys}
         wanted = select_pages(count, self.ranges)
         todo = [i for i in wanted if i not in done]
-        return _DocStart(document, todo, len(wanted) - len(todo))
+        return DocStart(document, todo, len(wanted) - len(todo), done_rows)
 
-    def _prepare(self, document: Document, index: int) -> _PageInput | _PageFailure:
+    def prepare(self, reader: PageReader, document: Document, index: int) -> PageInput | PageFailure:
         start = time.perf_counter()
         try:
-            image = self.reader.read(document, index)
-            plan = self.processor.plan(image.width, image.height)
-            pixel_values = self.processor.to_tensor(self.processor.global_view(image, plan))
-            tiles = self.processor.tiles(image, plan)
-            tile_tensor = torch.stack([self.processor.to_tensor(t) for t in tiles]) if tiles else None
+            processor = self.processor
+            image = reader.read(document, index)
+            plan = processor.plan(image.width, image.height)
+            pixel_values = processor.to_tensor(processor.global_view(image, plan))
+            tiles = processor.tiles(image, plan)
+            tile_tensor = torch.stack([processor.to_tensor(t) for t in tiles]) if tiles else None
             if self.preview_dir is not None:
+                from pathlib import Path
+
                 from .preview import write_preview
 
-                write_preview(self.preview_dir / document.name / f"page.{index}.png", image, plan, self.processor)
-            return _PageInput(document, index, plan, image.size, pixel_values, tile_tensor, time.perf_counter() - start)
-        except PageError as error:
-            return _PageFailure(document, index, str(error), time.perf_counter() - start)
+                write_preview(Path(self.preview_dir) / document.name / f"page.{index}.png", image, plan, processor)
+            return PageInput(document, index, plan, image.size, pixel_values, tile_tensor, time.perf_counter() - start)
         except Exception as error:  # noqa: BLE001 - bad input never stops the run
-            return _PageFailure(document, index, f"{type(error).__name__}: {error}", time.perf_counter() - start)
+            return PageFailure(document, index, _error_text(error), time.perf_counter() - start)
 
-    def _feed(self, documents: list[Document], items: queue.Queue, pool: ThreadPoolExecutor, stop: threading.Event):
-        try:
-            for document in documents:
-                if stop.is_set():
-                    return
-                start = self._start_document(document)
-                items.put(start)
-                for index in start.todo:
-                    if stop.is_set():
-                        return
-                    items.put(pool.submit(self._prepare, document, index))
-        except BaseException as error:  # surfaced by the consumer
-            items.put(error)
-        finally:
-            items.put(_END)
-
-    # ------------------------------------------------------------------ consumer side (main thread)
-    def _forward(self, batch: list[_PageInput]) -> list[torch.Tensor]:
+    # ------------------------------------------------------------------ tower
+    def forward(self, model: torch.nn.Module, batch: list[PageInput]) -> list[torch.Tensor]:
+        parameter = next(model.parameters())
+        device, dtype = parameter.device, parameter.dtype
         globals_ = [item.pixel_values for item in batch]
         if len({tuple(g.shape) for g in globals_}) == 1:
-            pixel_values = torch.stack(globals_).to(self.device, self.compute_dtype)
+            pixel_values = torch.stack(globals_).to(device, dtype)
         else:
-            pixel_values = [g.to(self.device, self.compute_dtype) for g in globals_]
+            pixel_values = [g.to(device, dtype) for g in globals_]
         tiles = [item.tiles for item in batch if item.tiles is not None]
-        pixel_values_tiles = torch.cat(tiles).to(self.device, self.compute_dtype) if tiles else None
+        pixel_values_tiles = torch.cat(tiles).to(device, dtype) if tiles else None
         grids = [item.plan.tile_grid if item.plan.num_tiles else (1, 1) for item in batch]
         pre = self.options.features == "pre-projector"
         with torch.inference_mode():
-            out = self.model(
+            out = model(
                 pixel_values=pixel_values,
                 pixel_values_tiles=pixel_values_tiles,
                 tile_grids=grids,
@@ -294,52 +279,100 @@ class _Encoder:
         features = out.pre_projector if pre else out.image_embeds
         return [f.to("cpu", self.options.dtype) for f in features]
 
+    def encode_batch(
+        self, model: torch.nn.Module, batch: list[PageInput]
+    ) -> list[tuple[PageInput, torch.Tensor | None, dict]]:
+        """(page, tensor, ok row) or (page, None, error row) for every page of the batch, in order."""
+        start = time.perf_counter()
+        try:
+            features = self.forward(model, batch)
+        except Exception as error:  # noqa: BLE001 - one bad batch must not stop the run
+            if len(batch) > 1:
+                return [result for item in batch for result in self.encode_batch(model, [item])]
+            item = batch[0]
+            return [(item, None, self.error_row(item.document, item.index, f"model failed: {_error_text(error)}",
+                                                item.seconds))]  # fmt: skip
+        share = (time.perf_counter() - start) / len(batch)
+        results = []
+        for item, tensor in zip(batch, features):
+            expected = item.plan.num_tokens if self.options.features == "projected" else None
+            if expected is not None and tensor.shape[0] != expected:
+                message = f"model returned {tensor.shape[0]} tokens, processor planned {expected}"
+                results.append((item, None, self.error_row(item.document, item.index, message)))
+                continue
+            row = self.row(
+                item.document,
+                item.index,
+                status="ok",
+                tokens=int(tensor.shape[0]),
+                output=item.document.output,
+                key=writer.page_key(item.index),
+                grid=list(item.plan.tile_grid if item.plan.num_tiles else (1, 1)),
+                size=list(item.size),
+                dim=int(tensor.shape[1]),
+                seconds=round(item.seconds + share, 4),
+            )
+            results.append((item, tensor, row))
+        return results
+
+
+class _Encoder:
+    """The local engine: a feeder thread lists documents and submits pages to a thread pool through a bounded
+    queue; the main thread batches prepared pages through the tower and writes."""
+
+    def __init__(
+        self, model: torch.nn.Module, work: PageWork, folder: writer.Folder, rank: int, world_size: int
+    ) -> None:
+        self.model = model
+        self.work = work
+        self.options = work.options
+        self.folder = folder
+        self.rank, self.world_size = rank, world_size
+        self.reader = PageReader(work.render)
+        self.manifest = writer.ManifestWriter(folder, None if world_size == 1 else rank)
+        self.result = EncodeResult(out_dir=folder.display())
+        self.remaining: dict[str, int] = {}
+        self.ok_rows: set[tuple[str, str]] = set()
+
+    def _error(self, row: dict) -> None:
+        self.manifest.append([row])
+        self.result.pages_error += 1
+        self.result.errors.append(row)
+
+    # ------------------------------------------------------------------ producer side (threads)
+    def _feed(self, documents: list[Document], items: queue.Queue, pool: ThreadPoolExecutor, stop: threading.Event):
+        try:
+            for document in documents:
+                if stop.is_set():
+                    return
+                start = self.work.start_document(self.folder, document)
+                items.put(start)
+                for index in start.todo:
+                    if stop.is_set():
+                        return
+                    items.put(pool.submit(self.work.prepare, self.reader, document, index))
+        except BaseException as error:  # surfaced by the consumer
+            items.put(error)
+        finally:
+            items.put(_END)
+
+    # ------------------------------------------------------------------ consumer side (main thread)
     def _finish_page(self, document: Document) -> None:
         self.remaining[document.name] -= 1
         if self.remaining[document.name] == 0:
             self._finish_document(document)
 
     def _finish_document(self, document: Document) -> None:
-        writer.merge_document(self.out_dir, document.name)
+        writer.merge_document(self.folder, document.name)
         self.reader.release(document)
 
-    def _run_batch(self, batch: list[_PageInput], bar) -> None:
-        start = time.perf_counter()
-        try:
-            features = self._forward(batch)
-        except Exception as error:  # noqa: BLE001 - one bad batch must not stop the run
-            if len(batch) > 1:
-                for item in batch:
-                    self._run_batch([item], bar)
-                return
-            item = batch[0]
-            self._error(item.document, item.index, f"model failed: {type(error).__name__}: {error}", item.seconds)
-            self._finish_page(item.document)
-            bar.update(1)
-            return
-        share = (time.perf_counter() - start) / len(batch)
+    def _run_batch(self, batch: list[PageInput], bar) -> None:
         rows = []
-        for item, tensor in zip(batch, features):
-            key = writer.page_key(item.index)
-            expected = item.plan.num_tokens if self.options.features == "projected" else None
-            if expected is not None and tensor.shape[0] != expected:
-                self._error(
-                    item.document, item.index, f"model returned {tensor.shape[0]} tokens, processor planned {expected}"
-                )
+        for item, tensor, row in self.work.encode_batch(self.model, batch):
+            if tensor is None:
+                self._error(row)
                 continue
-            row = self._row(
-                item.document,
-                item.index,
-                status="ok",
-                tokens=int(tensor.shape[0]),
-                output=item.document.output,
-                key=key,
-                grid=list(item.plan.tile_grid if item.plan.num_tiles else (1, 1)),
-                size=list(item.size),
-                dim=int(tensor.shape[1]),
-                seconds=round(item.seconds + share, 4),
-            )
-            writer.write_part(self.out_dir, item.document.name, key, tensor, row)
+            writer.write_part(self.folder, item.document.name, row["key"], tensor, row)
             rows.append(row)
         self.manifest.append(rows)  # rows only after their parts exist under their final names
         for row in rows:
@@ -363,7 +396,7 @@ class _Encoder:
         options = self.options
         self.result.documents = len(documents)
         self.ok_rows = {
-            (row.get("output"), row.get("key")) for row in writer.all_rows(self.out_dir) if row.get("status") == "ok"
+            (row.get("output"), row.get("key")) for row in writer.all_rows(self.folder) if row.get("status") == "ok"
         }
         prefetch = options.prefetch or 2 * options.batch_size + options.workers
         items: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
@@ -374,7 +407,7 @@ class _Encoder:
         pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="deepencoder-page")
         feeder = threading.Thread(target=self._feed, args=(documents, items, pool, stop), daemon=True)
         feeder.start()
-        batch: list[_PageInput] = []
+        batch: list[PageInput] = []
         try:
             while True:
                 item = items.get()
@@ -382,10 +415,12 @@ class _Encoder:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                if isinstance(item, _DocStart):
+                if isinstance(item, DocStart):
+                    restored = [r for r in item.done_rows if (r.get("output"), r.get("key")) not in self.ok_rows]
+                    self.manifest.append(restored)
                     self.result.pages_skipped += item.skipped
                     if item.error is not None:
-                        self._error(item.document, None, item.error)
+                        self._error(self.work.error_row(item.document, None, item.error))
                         continue
                     self.remaining[item.document.name] = len(item.todo)
                     bar.total += len(item.todo)
@@ -394,8 +429,8 @@ class _Encoder:
                         self._finish_document(item.document)
                     continue
                 page = item.result() if isinstance(item, Future) else item
-                if isinstance(page, _PageFailure):
-                    self._error(page.document, page.index, page.error, page.seconds)
+                if isinstance(page, PageFailure):
+                    self._error(self.work.error_row(page.document, page.index, page.error, page.seconds))
                     self._finish_page(page.document)
                     bar.update(1)
                     continue
@@ -446,43 +481,75 @@ def _gather(result: EncodeResult, world_size: int) -> EncodeResult:
     )
 
 
+def resolve_options(options: EncodeOptions | None, overrides: dict) -> EncodeOptions:
+    options = options or EncodeOptions()
+    for name, value in overrides.items():
+        if not hasattr(options, name):
+            raise TypeError(f"unknown encode option {name!r}")
+        setattr(options, name, value)
+    return options
+
+
+def _lock_all_ranks(folder: writer.Folder, options: EncodeOptions, rank: int, world_size: int):
+    """Rank 0 takes the output folder's lock; every rank raises `OutputLocked` if it could not."""
+    lock, failure = None, None
+    if rank == 0:
+        try:
+            lock = writer.OutputLock(folder, stale_after_s=options.lock_stale_after).acquire()
+        except writer.OutputLocked as error:
+            failure = str(error)
+        if lock is not None and lock.warning:
+            print(f"warning: {lock.warning}", file=sys.stderr)
+    if world_size > 1:
+        message = [failure]
+        torch.distributed.broadcast_object_list(message, src=0)
+        failure = message[0]
+    if failure is not None:
+        raise writer.OutputLocked(failure)
+    return lock
+
+
 def encode(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
-    model: DeepEncoderModel,
+    model: torch.nn.Module,
     processor: DeepEncoderImageProcessor | str = "gundam",
     options: EncodeOptions | None = None,
     **option_overrides,
 ) -> EncodeResult:
-    """Encode every page of `inputs` (files, folders, globs, text files of paths) into `out_dir`.
+    """Encode every page of `inputs` (files, folders, globs, text files of paths; local paths or fsspec URLs) into
+    `out_dir` (a local folder or an fsspec URL such as `s3://bucket/runs/x`).
 
-    model: a DeepEncoderModel already on its device and in its compute dtype (see `load_model`).
+    model: a tower already on its device and in its compute dtype (see `load_model`).
     processor: a DeepEncoderImageProcessor or a mode name. Options: `EncodeOptions` fields, as an object or keywords.
     Pages already in `out_dir` are skipped (resume); a page that fails gets an error row and the run goes on.
+    The run holds `out_dir/.lock`: a second run into the same folder raises `OutputLocked` naming the holder.
     Under `torch.distributed` (torchrun / accelerate launch), documents are sharded by rank and the manifest
     parts are merged by rank 0 at the end; every rank returns the totals.
     """
-    options = options or EncodeOptions()
-    for name, value in option_overrides.items():
-        if not hasattr(options, name):
-            raise TypeError(f"unknown encode option {name!r}")
-        setattr(options, name, value)
+    options = resolve_options(options, option_overrides)
     if isinstance(processor, str):
         processor = DeepEncoderImageProcessor(mode=processor)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = writer.as_folder(out_dir)
+    folder.makedirs()
     rank, world_size = _distributed()
-    if rank == 0:  # before any rank writes: leftovers of a killed run
-        writer.clean_temp_files(out)
-        writer.merge_manifests(out)
-    _barrier()
-    documents = discover(inputs)
-    encoder = _Encoder(model.eval(), processor, out, options, rank, world_size)
-    result = encoder.run(shard(documents, rank, world_size))
-    result = _gather(result, world_size)
-    result.documents = len(documents)
-    _barrier()
-    if rank == 0:
-        writer.merge_manifests(out)
-    _barrier()
+    lock = _lock_all_ranks(folder, options, rank, world_size)
+    try:
+        if rank == 0:  # before any rank writes: leftovers of a killed run
+            writer.clean_temp_files(folder)
+            writer.merge_manifests(folder)
+        _barrier()
+        documents = discover(inputs)
+        work = PageWork(processor, options, tower_name(model))
+        encoder = _Encoder(model.eval(), work, folder, rank, world_size)
+        result = encoder.run(shard(documents, rank, world_size))
+        result = _gather(result, world_size)
+        result.documents = len(documents)
+        _barrier()
+        if rank == 0:
+            writer.merge_manifests(folder)
+        _barrier()
+    finally:
+        if lock is not None:
+            lock.release()
     return result

@@ -1,6 +1,6 @@
 """Page sources: which documents an `encode` run covers, how many pages each has, and each page as an RGB image.
 
-A *document* is one input file: a PDF (pages rendered with pypdfium2), a multi-page TIFF (one page per frame) or a
+A *document* is one input file, a local path or any fsspec URL (`s3://bucket/scans/`, `file:///data/a.pdf`): a PDF (pages rendered with pypdfium2), a multi-page TIFF (one page per frame) or a
 single image (PNG, JPEG, WebP, BMP, GIF's first frame, ...). Pages are addressed by their 0-based index in the
 document, the same index as the output key `page.<index>`. Everything here raises `PageError` with a sentence a
 user can act on; nothing here stops a run.
@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps
 
 from ..image_processing_deepencoder import RESOLUTION_MODES, ResolutionMode, to_rgb
@@ -91,8 +93,45 @@ def _kind(path: Path) -> str:
     return "pdf" if path.suffix.lower() in PDF_SUFFIXES else "image"
 
 
+def _is_url(value: str) -> bool:
+    return "://" in value
+
+
+def resolve_source(source: str) -> tuple[fsspec.AbstractFileSystem | None, str]:
+    """(None, local path) for a local path or a `file://` URL; (filesystem, path inside it) for any other URL."""
+    if not _is_url(source):
+        return None, source
+    fs, path = fsspec.core.url_to_fs(source)
+    return (None, path) if isinstance(fs, LocalFileSystem) else (fs, path)
+
+
+def _expand_url(arg: str, seen_lists: set[str]) -> list[tuple[str, str]]:
+    fs, path = fsspec.core.url_to_fs(arg)
+    path = path.rstrip("/")
+    if fs.isdir(path):
+        found = sorted(p for p in fs.find(path) if p.lower().endswith(PDF_SUFFIXES + IMAGE_SUFFIXES))
+        return [(fs.unstrip_protocol(p), p[len(path) + 1 :]) for p in found]
+    if path.lower().endswith(LIST_SUFFIXES) and fs.isfile(path):
+        if arg in seen_lists:
+            return []
+        seen_lists.add(arg)
+        parent = fs.unstrip_protocol(path.rsplit("/", 1)[0]) if "/" in path else ""
+        out = []
+        for line in fs.cat_file(path).decode("utf-8").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                entry = line if _is_url(line) or line.startswith("/") else f"{parent}/{line}"
+                out.extend(_expand(entry, seen_lists))
+        return out
+    if any(c in path for c in GLOB_CHARS) and not fs.exists(path):
+        return [item for match in sorted(fs.glob(path)) for item in _expand(fs.unstrip_protocol(match), seen_lists)]
+    return [(arg, path.rsplit("/", 1)[-1])]
+
+
 def _expand(arg: str, seen_lists: set[str]) -> list[tuple[str, str]]:
-    """One command-line input -> [(source path, name relative to the input)]."""
+    """One command-line input -> [(source path or URL, name relative to the input)]."""
+    if _is_url(arg):
+        return _expand_url(arg, seen_lists)
     path = Path(arg)
     if path.is_dir():
         found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PDF_SUFFIXES + IMAGE_SUFFIXES)
@@ -114,6 +153,12 @@ def _expand(arg: str, seen_lists: set[str]) -> list[tuple[str, str]]:
     return [(arg, path.name)]  # a file (any suffix: it is tried), or a missing path that becomes an error row
 
 
+def _identity(source: str) -> str:
+    """One spelling per file: the absolute path of a local file, the normalised URL of a remote one."""
+    fs, path = resolve_source(source)
+    return str(Path(path).resolve()) if fs is None else fs.unstrip_protocol(path)
+
+
 def discover(inputs: Sequence[str | os.PathLike]) -> list[Document]:
     """Files, folders (recursive, by suffix), globs and text files of paths (one a line, `#` comments) -> documents,
     sorted by output name. A source listed twice is kept once; two sources with the same relative name get a short
@@ -122,7 +167,7 @@ def discover(inputs: Sequence[str | os.PathLike]) -> list[Document]:
     by_source: dict[str, str] = {}
     for arg in inputs:
         for source, name in _expand(os.fspath(arg), seen_lists):
-            by_source.setdefault(str(Path(source).resolve()), source + "\0" + name)
+            by_source.setdefault(_identity(source), source + "\0" + name)
     entries = sorted((value.split("\0") for value in by_source.values()), key=lambda e: (e[1], e[0]))
     counts: dict[str, int] = {}
     for _, name in entries:
@@ -130,7 +175,7 @@ def discover(inputs: Sequence[str | os.PathLike]) -> list[Document]:
     documents = []
     for source, name in entries:
         if counts[name] > 1:
-            digest = hashlib.sha1(str(Path(source).resolve()).encode()).hexdigest()[:8]
+            digest = hashlib.sha1(_identity(source).encode()).hexdigest()[:8]
             name = f"{name}-{digest}"
         documents.append(Document(source=source, name=name, kind=_kind(Path(source))))
     return sorted(documents, key=lambda d: d.name)
@@ -163,20 +208,38 @@ def select_pages(count: int, ranges: list[tuple[int, int | None]] | None) -> lis
 
 # ---------------------------------------------------------------------------------------------- opening
 def _check_file(source: str) -> None:
-    path = Path(source)
-    if not path.exists():
+    fs, path = resolve_source(source)
+    if fs is not None:
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise PageError("no such file") from None
+        if info.get("type") != "file":
+            raise PageError("not a regular file")
+        if not info.get("size"):
+            raise PageError("empty file (0 bytes)")
+        return
+    local = Path(path)
+    if not local.exists():
         raise PageError("no such file")
-    if not path.is_file():
+    if not local.is_file():
         raise PageError("not a regular file")
-    if path.stat().st_size == 0:
+    if local.stat().st_size == 0:
         raise PageError("empty file (0 bytes)")
+
+
+def _image_file(source: str):
+    """What `Image.open` takes: the local path, or a seekable fsspec file for a URL."""
+    fs, path = resolve_source(source)
+    return path if fs is None else fs.open(path, "rb")
 
 
 def _open_pdf(source: str):
     import pypdfium2 as pdfium
 
+    fs, path = resolve_source(source)
     try:
-        return pdfium.PdfDocument(source)
+        return pdfium.PdfDocument(path if fs is None else fs.cat_file(path))
     except pdfium.PdfiumError as error:
         text = str(error)
         if "password" in text.lower():
@@ -198,7 +261,7 @@ def count_pages(document: Document) -> int:
             raise PageError("PDF has no pages")
         return count
     try:
-        with Image.open(document.source) as image:
+        with Image.open(_image_file(document.source)) as image:
             return int(getattr(image, "n_frames", 1)) if image.format == "TIFF" else 1
     except Image.DecompressionBombError as error:
         raise PageError(BOMB_HINT.format(error=error)) from error
@@ -255,7 +318,7 @@ def decode_image_page(source: str, index: int, options: RenderOptions) -> Image.
     """Frame `index` of an image file -> RGB with EXIF orientation applied. Convertible modes are converted: CMYK,
     palette, 16-bit and float grayscale (scaled to 8 bits), alpha (composited onto white); see `to_rgb`."""
     try:
-        with Image.open(source) as image:
+        with Image.open(_image_file(source)) as image:
             check_size(image.width, image.height, options)  # header only: before any pixel is decoded
             if index:
                 image.seek(index)
