@@ -1,7 +1,8 @@
 """`deepencoder encode INPUT... --weights W --mode gundam --out DIR`.
 
 Run under `torchrun` or `accelerate launch -m deepencoder encode ...` to shard documents across processes: each
-process takes the GPU of its LOCAL_RANK (or the CPU) and joins a process group (nccl on GPUs, gloo on CPUs)."""
+process takes the GPU of its LOCAL_RANK (or the CPU) and joins a process group (nccl on GPUs, gloo on CPUs).
+`--engine ray` runs the same work on a Ray cluster instead (`pipeline.ray`). Inputs and --out may be fsspec URLs."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import sys
 import torch
 from PIL import Image
 
+from ..dtypes import DTYPE_NAMES, parse_dtype
 from ..image_processing_deepencoder import RESOLUTION_MODES, DeepEncoderImageProcessor
 from .runner import FEATURES, EncodeOptions, encode
 from .weights import DEFAULT_WEIGHTS, RANDOM, WeightsError, load_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .writer import OutputLocked
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +26,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="PDFs and images -> vision tokens (one safetensors file per document + manifest.jsonl)",
         description="Encode every page of the inputs into vision tokens. Re-running with the same --out resumes.",
     )
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs, or .txt files of paths")
-    parser.add_argument("--out", required=True, help="output folder (manifest.jsonl, <document>.safetensors)")
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="files, folders, globs, or .txt files of paths (paths or fsspec URLs)",
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder or fsspec URL (manifest.jsonl, <document>.safetensors)"
+    )
     parser.add_argument(
         "--weights",
         default=DEFAULT_WEIGHTS,
@@ -41,8 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--features", default="projected", choices=FEATURES, help="projected tokens (default) or the 2048-d join"
     )
-    parser.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the stored tensors")
-    parser.add_argument("--compute-dtype", default="float32", choices=list(DTYPES), help="dtype the tower runs in")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the stored tensors")
+    parser.add_argument("--compute-dtype", default="float32", choices=DTYPE_NAMES, help="dtype the tower runs in")
     parser.add_argument("--device", default="auto", help="auto (GPU of LOCAL_RANK if any, else CPU), cpu, cuda:0 ...")
     parser.add_argument("--batch-size", type=int, default=8, help="pages per forward pass")
     parser.add_argument("--workers", type=int, default=2, help="threads decoding / rendering pages")
@@ -58,6 +66,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-aspect", type=float, default=20.0, help="largest long/short side ratio of a page")
     parser.add_argument("--preview", metavar="DIR", help="write a PNG per page with its global view and tile grid")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = parser.add_argument_group("Ray engine (--engine ray; pip install 'deepencoder[ray]')")
+    ray.add_argument(
+        "--engine",
+        default="local",
+        choices=("local", "ray"),
+        help="local: this process (or torchrun / accelerate ranks); ray: Ray Data on a Ray cluster",
+    )
+    ray.add_argument("--address", help="Ray cluster to join: auto, ray://head:10001 (default: a local Ray instance)")
+    ray.add_argument(
+        "--num-gpus-per-worker",
+        type=float,
+        default=None,
+        help="GPUs per tower actor (default: 1 if the cluster has GPUs, else 0)",
+    )
+    ray.add_argument("--num-cpus-per-worker", type=float, default=1.0, help="CPUs per tower actor")
+    ray.add_argument(
+        "--concurrency",
+        default="1",
+        help="tower actors: N, or MIN-MAX to autoscale (default 1; one per GPU is the usual choice)",
+    )
     parser.add_argument("--sleep-per-batch", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.set_defaults(func=run_encode)
 
@@ -80,7 +108,72 @@ def _device(name: str, local_rank: int) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _options(args: argparse.Namespace) -> EncodeOptions:
+    options = EncodeOptions(
+        features=args.features,
+        dtype=parse_dtype(args.dtype),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        prefetch=args.prefetch,
+        pages=args.pages,
+        dpi=args.dpi,
+        max_aspect=args.max_aspect,
+        preview_dir=args.preview,
+        progress=not args.no_progress,
+        sleep_per_batch=args.sleep_per_batch,
+    )
+    limit = args.max_image_pixels
+    if limit is not None:  # also Pillow's own process-wide guard, which fires at open time above twice the limit
+        options.max_image_pixels = limit or None
+        Image.MAX_IMAGE_PIXELS = limit or None
+    return options
+
+
+def _concurrency(text: str) -> int | tuple[int, int]:
+    low, _, high = str(text).partition("-")
+    return (int(low), int(high)) if high else int(low)
+
+
+def run_ray(args: argparse.Namespace) -> int:
+    from .ray import encode_dataset
+
+    say = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
+    processor = DeepEncoderImageProcessor(mode=args.mode, base_size=args.base_size, tile_size=args.tile_size)
+    options = _options(args)
+    if args.weights == RANDOM:
+        banner = "!" * 100
+        say(
+            f"{banner}\n!! RANDOM weights (seed {args.seed}): outputs are meaningless, for trying the pipeline only\n{banner}"
+        )
+    gpus = "1 if the cluster has GPUs" if args.num_gpus_per_worker is None else f"{args.num_gpus_per_worker:g}"
+    say(f"mode {args.mode}, {args.features} features as {args.dtype}, Ray engine ({args.concurrency} tower actors, "
+        f"{gpus} GPU each) -> {args.out}")  # fmt: skip
+    try:
+        result = encode_dataset(
+            args.inputs,
+            args.out,
+            weights=args.weights,
+            processor=processor,
+            options=options,
+            config=args.config,
+            seed=args.seed,
+            device=args.device,
+            compute_dtype=args.compute_dtype,
+            num_gpus_per_worker=args.num_gpus_per_worker,
+            num_cpus_per_worker=args.num_cpus_per_worker,
+            concurrency=_concurrency(args.concurrency),
+            address=args.address,
+        )
+    except (OutputLocked, ValueError, ImportError) as error:
+        say(f"error: {error}")
+        return 2
+    say(result.summary())
+    return 0 if result.ok else 1
+
+
 def run_encode(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        return run_ray(args)
     rank, world_size, local_rank = _init_distributed()
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if rank == 0 else (lambda *a, **k: None)
     try:
@@ -95,28 +188,16 @@ def run_encode(args: argparse.Namespace) -> int:
         else:
             say(f"weights: {description}")
         device = _device(args.device, local_rank)
-        model = model.to(device=device, dtype=DTYPES[args.compute_dtype])
+        model = model.to(device=device, dtype=parse_dtype(args.compute_dtype))
         processor = DeepEncoderImageProcessor(mode=args.mode, base_size=args.base_size, tile_size=args.tile_size)
-        limit = args.max_image_pixels
-        options = EncodeOptions(
-            features=args.features,
-            dtype=DTYPES[args.dtype],
-            batch_size=args.batch_size,
-            workers=args.workers,
-            prefetch=args.prefetch,
-            pages=args.pages,
-            dpi=args.dpi,
-            max_aspect=args.max_aspect,
-            preview_dir=args.preview,
-            progress=not args.no_progress,
-            sleep_per_batch=args.sleep_per_batch,
-        )
-        if limit is not None:  # also Pillow's own process-wide guard, which fires at open time above twice the limit
-            options.max_image_pixels = limit or None
-            Image.MAX_IMAGE_PIXELS = limit or None
+        options = _options(args)
         world = f", {world_size} processes" if world_size > 1 else ""
         say(f"mode {args.mode}, {args.features} features as {args.dtype}, device {device}{world} -> {args.out}")
-        result = encode(args.inputs, args.out, model, processor, options)
+        try:
+            result = encode(args.inputs, args.out, model, processor, options)
+        except OutputLocked as error:
+            say(f"error: {error}")
+            return 2
         say(result.summary())
         if args.weights == RANDOM:
             say("(random weights: the tokens above are meaningless; pass --weights with a real checkpoint)")

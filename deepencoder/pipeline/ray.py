@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..dtypes import parse_dtype
 from ..image_processing_deepencoder import DeepEncoderImageProcessor
@@ -76,8 +77,15 @@ def _unpack(batch: dict[str, np.ndarray]) -> list[_Item]:
     return [pickle.loads(blob) for blob in batch["item"]]
 
 
+def _pillow_limit(work: PageWork) -> None:
+    """Pillow's process-wide decompression-bomb limit in this worker follows the run's `max_image_pixels`, as the
+    CLI sets it in its own process (Pillow refuses twice the limit at open time, before `check_size` sees it)."""
+    Image.MAX_IMAGE_PIXELS = work.options.max_image_pixels
+
+
 def _expand(record: dict[str, Any], work: PageWork, folder: writer.Folder) -> list[dict[str, Any]]:
     """One document -> its start item and one item per page still to encode."""
+    _pillow_limit(work)
     document = Document(record["source"], record["name"], record["kind"])
     start = work.start_document(folder, document)
     head = _Item("start", document, len(start.todo), skipped=start.skipped, done_rows=start.done_rows)
@@ -89,6 +97,7 @@ def _expand(record: dict[str, Any], work: PageWork, folder: writer.Folder) -> li
 
 def _prepare(batch: dict[str, np.ndarray], work: PageWork) -> dict[str, np.ndarray]:
     """Pages -> tensors (or error rows). One page reader per batch: a PDF is opened (or fetched) once per batch."""
+    _pillow_limit(work)
     items = _unpack(batch)
     reader = PageReader(work.render)
     try:
@@ -230,7 +239,7 @@ def encode_dataset(
     seed: int = 0,
     device: str = "auto",
     compute_dtype: str | torch.dtype = "float32",
-    num_gpus_per_worker: float = 0.0,
+    num_gpus_per_worker: float | None = None,
     num_cpus_per_worker: float = 1.0,
     concurrency: int | tuple[int, int] = 1,
     address: str | None = None,
@@ -244,8 +253,8 @@ def encode_dataset(
     processor: a DeepEncoderImageProcessor or a mode name. options / option_overrides: `EncodeOptions` fields
         (`batch_size` is the tower batch; `workers` and `prefetch` are the local runner's and unused here).
     device / compute_dtype: where and in which dtype each actor runs the tower (`auto`: its GPU if it has one).
-    num_gpus_per_worker, num_cpus_per_worker: resources of each tower actor; concurrency: actors in the pool, or
-        (min, max) to autoscale.
+    num_gpus_per_worker, num_cpus_per_worker: resources of each tower actor (GPUs: None = 1 if the cluster has
+        GPUs, else 0); concurrency: actors in the pool, or (min, max) to autoscale.
     address: the cluster to join (`auto`, `ray://head:10001`); None joins a running `ray.init()` session or
         starts a local one. `inputs` / `out_dir` must be reachable from every node: shared disk or object store.
     """
@@ -266,6 +275,8 @@ def encode_dataset(
     if not ray.is_initialized():
         ray.init(address=address)
         started_ray = True
+    if num_gpus_per_worker is None:
+        num_gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = options.progress
     folder.makedirs()
