@@ -140,7 +140,7 @@ class DeepEncoderModel(DeepEncoderPreTrainedModel):
     ) -> DeepEncoderModel:
         """Build the tower from a DeepSeek-OCR checkpoint (local directory of *.safetensors, or a hub id), reading
         only the vision tensors. Extra keyword arguments go to `DeepEncoderConfig`."""
-        from .conversion.deepseek_ocr import load_deepseek_ocr
+        from .conversion.load import load_deepseek_ocr
 
         return load_deepseek_ocr(path_or_repo_id, revision=revision, dtype=dtype, config_kwargs=kwargs)
 

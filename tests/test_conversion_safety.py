@@ -12,11 +12,10 @@ from helpers import random_model, to_deepseek_ocr
 from test_conversion_sources import hf_clip_vision, open_clip_model, save_safetensors, segment_anything_sam
 
 from deepencoder.cli import main
-from deepencoder.conversion.clip import convert_hf_clip, load_clip
-from deepencoder.conversion.deepseek_ocr import load_deepseek_ocr
 from deepencoder.conversion.detect import detect_format
 from deepencoder.conversion.io import CheckpointError
-from deepencoder.conversion.segment_anything import convert_segment_anything, load_segment_anything
+from deepencoder.conversion.load import load_clip, load_deepseek_ocr, load_segment_anything
+from deepencoder.conversion.sources import convert_state_dict
 
 
 class RunsCode:
@@ -77,7 +76,7 @@ def test_wrong_shape_missing_and_unknown_keys_are_named(tmp_path):
     assert str(tmp_path / "missing.pth") in str(error.value)
 
     with pytest.raises(CheckpointError, match=r"image_encoder\.blocks\.0\.attn\.extra"):
-        convert_segment_anything(dict(sam, **{"image_encoder.blocks.0.attn.extra": torch.zeros(1)}))
+        convert_state_dict(dict(sam, **{"image_encoder.blocks.0.attn.extra": torch.zeros(1)}), "segment-anything")
 
     clip = open_clip_model().state_dict()
     clip.pop("visual.transformer.resblocks.1.mlp.c_fc.bias")
@@ -88,8 +87,10 @@ def test_wrong_shape_missing_and_unknown_keys_are_named(tmp_path):
 
     hf = hf_clip_vision().state_dict()
     hf.pop(next(k for k in hf if k.endswith("layers.0.self_attn.v_proj.weight")))
-    with pytest.raises(CheckpointError, match=r"no v_proj beside it"):
-        convert_hf_clip(hf)
+    with pytest.raises(
+        CheckpointError, match=r"has no \['vision_model\.encoder\.layers\.0\.self_attn\.v_proj\.weight'\]"
+    ):
+        convert_state_dict(hf, "hf-clip")
 
 
 def test_detect_format():

@@ -116,9 +116,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 from deepencoder import DeepEncoderModel  # noqa: E402
 from deepencoder.cli import main  # noqa: E402
-from deepencoder.conversion.clip import load_clip  # noqa: E402
-from deepencoder.conversion.segment_anything import load_segment_anything  # noqa: E402
-from deepencoder.conversion.sources import ConvertedCheckpoint, assemble_model, convert_state_dict  # noqa: E402
+from deepencoder.conversion.load import load_clip, load_segment_anything  # noqa: E402
+from deepencoder.conversion.sources import assemble_model, convert_state_dict  # noqa: E402
 
 TOL = 1e-4
 SMALL_CLIP = dict(TINY_CLIP, num_attention_heads=4)  # for a SAM-only conversion: keeps the untouched stage cheap
@@ -227,12 +226,11 @@ def test_open_clip_vit_l_14_quickgelu_real_size():
     import open_clip
 
     reference = randomize_(open_clip.create_model("ViT-L-14-quickgelu"), seed=4).eval()
-    state_dict, report, source_format = convert_state_dict(reference.state_dict())
-    assert source_format == "open-clip"
+    part = convert_state_dict(reference.state_dict())
+    assert part.format.name == "open-clip"
     assert {"visual.ln_post.weight", "visual.proj", "visual.conv1.weight", "token_embedding.weight"} <= set(
-        report.dropped
+        part.report.dropped
     )
-    part = ConvertedCheckpoint(state_dict, report, source_format)
     model, report = assemble_model(
         None, part, source="ViT-L-14-quickgelu", sam_config=dict(TINY_SAM, compressor_channels=[512, 1024])
     )

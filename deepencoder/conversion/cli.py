@@ -1,5 +1,6 @@
-"""`deepencoder convert {deepseek-ocr,segment-anything,clip,compose} ...`: checkpoints -> `save_pretrained`
-directories (config.json, model.safetensors, preprocessor config, conversion_report.json, README.md)."""
+"""`deepencoder convert {deepseek-ocr,unlimited-ocr,segment-anything,clip,compose} ...`: checkpoints ->
+`save_pretrained` directories (config.json, model.safetensors, preprocessor config, conversion_report.json,
+README.md)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from ..dtypes import DTYPE_NAMES, parse_dtype
+from .io import CheckpointError
+from .load import load_clip, load_composed, load_segment_anything, load_tower
+from .save import save_converted
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +23,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     deepseek.add_argument("src", help="local directory / .safetensors file, or hub id (deepseek-ai/DeepSeek-OCR)")
     deepseek.add_argument("dst", help="output directory")
     add_common_options(deepseek)
-    deepseek.set_defaults(func=run_deepseek_ocr)
+    deepseek.set_defaults(func=run_tower, description="DeepSeek-OCR ({src}), vision tower only")
+
+    unlimited = sources.add_parser(
+        "unlimited-ocr",
+        help="a transformers UnlimitedOcrForConditionalGeneration / UnlimitedOcrModel save_pretrained directory, "
+        "in either naming (vision tensors only)",
+    )
+    unlimited.add_argument("src", help="local directory / .safetensors file, or hub id")
+    unlimited.add_argument("dst", help="output directory")
+    add_common_options(unlimited)
+    unlimited.set_defaults(func=run_tower, description="transformers UnlimitedOcr ({src}), vision tower only")
 
     sam = sources.add_parser(
         "segment-anything",
@@ -53,7 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: the source's)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="output dtype (default: the source's)")
     parser.add_argument("--max-shard-size", default="5GB", help="shard size for save_pretrained (e.g. 2GB)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for hub ids")
 
@@ -82,10 +94,7 @@ def clip_options(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]], description: str, licence: str) -> int:
-    from .io import CheckpointError
-    from .save import save_converted
-
+def _run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]], description: str) -> int:
     try:
         model, report = load()
     except CheckpointError as error:
@@ -95,55 +104,38 @@ def _run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]], descript
         model,
         report,
         args.dst,
-        dtype=DTYPES.get(args.dtype),
+        dtype=parse_dtype(args.dtype) if args.dtype else None,
         max_shard_size=args.max_shard_size,
         source_description=description,
-        license_name=licence,
     )
     print(report.summary())
     print(f"saved to {args.dst}")
     return 0
 
 
-def run_deepseek_ocr(args: argparse.Namespace) -> int:
-    from .deepseek_ocr import load_deepseek_ocr_with_report
-
-    return _run(
-        args,
-        lambda: load_deepseek_ocr_with_report(args.src, revision=args.revision),
-        f"DeepSeek-OCR ({args.src}), vision tower only",
-        "MIT (DeepSeek-OCR model weights)",
-    )
+def run_tower(args: argparse.Namespace) -> int:
+    return _run(args, lambda: load_tower(args.src, revision=args.revision), args.description.format(src=args.src))
 
 
 def run_segment_anything(args: argparse.Namespace) -> int:
-    from .segment_anything import load_segment_anything
-
     return _run(
         args,
         lambda: load_segment_anything(args.src, revision=args.revision),
         f"segment-anything image encoder ({args.src}); compressor, CLIP stage and projector initialised",
-        "Apache-2.0 (segment-anything model weights)",
     )
 
 
 def run_clip(args: argparse.Namespace) -> int:
-    from .clip import load_clip
-
     return _run(
         args,
         lambda: load_clip(args.src, revision=args.revision, clip_config=clip_options(args)),
         f"CLIP vision transformer ({args.src}); SAM stage, compressor and projector initialised",
-        "that of the CLIP weights converted (MIT for OpenAI's CLIP)",
     )
 
 
 def run_compose(args: argparse.Namespace) -> int:
-    from .compose import load_composed
-
     return _run(
         args,
         lambda: load_composed(args.sam, args.clip, revision=args.revision, clip_config=clip_options(args)),
         f"composed: SAM stage from {args.sam}, CLIP stage from {args.clip}; compressor and projector initialised",
-        "those of the two sources (segment-anything: Apache-2.0; OpenAI CLIP: MIT)",
     )

@@ -1,4 +1,4 @@
-"""The one report type every converter returns."""
+"""The one report type every conversion returns."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ class ConversionReport:
 
     converted: keys written from the source. dropped: source keys deliberately not used, with the reason.
     initialised: target keys absent from the source, left as a freshly initialised model has them.
-    mismatched: keys whose shapes disagree, as `key: source shape vs expected shape`.
+    licences: `source: licence` of the weights usually published in each source's format (for the model card).
     """
 
     source: str = ""
     converted: list[str] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)
     initialised: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
+    licences: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [
@@ -29,9 +29,6 @@ class ConversionReport:
         lines += [f"  - {key}: {why}" for key, why in sorted(self.dropped.items())]
         lines.append(f"initialised (not in the source): {len(self.initialised)}")
         lines += [f"  - {key}" for key in summarise_keys(self.initialised)]
-        if self.mismatched:
-            lines.append(f"shape-mismatched: {len(self.mismatched)}")
-            lines += [f"  - {entry}" for entry in self.mismatched]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -40,7 +37,7 @@ class ConversionReport:
             "converted": sorted(self.converted),
             "dropped": dict(sorted(self.dropped.items())),
             "initialised": sorted(self.initialised),
-            "mismatched": list(self.mismatched),
+            "licences": list(self.licences),
         }
 
 

@@ -21,7 +21,6 @@ def save_converted(
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = "5GB",
     source_description: str = "",
-    license_name: str = "see the source weights' licence",
     processor: DeepEncoderImageProcessor | None = None,
 ) -> Path:
     """Write `model` as a `save_pretrained` directory that `DeepEncoderModel.from_pretrained` and (after
@@ -35,11 +34,11 @@ def save_converted(
     model.save_pretrained(output_dir, max_shard_size=max_shard_size, safe_serialization=True)
     (processor or DeepEncoderImageProcessor()).save_pretrained(output_dir)
     (output_dir / "conversion_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    (output_dir / "README.md").write_text(model_card(model, report, source_description, license_name))
+    (output_dir / "README.md").write_text(model_card(model, report, source_description))
     return output_dir
 
 
-def model_card(model: DeepEncoderModel, report: ConversionReport, source: str, license_name: str) -> str:
+def model_card(model: DeepEncoderModel, report: ConversionReport, source: str) -> str:
     sam, clip = model.config.sam_config, model.config.clip_config
     dtype = next(model.parameters()).dtype
     lines = [
@@ -50,7 +49,7 @@ def model_card(model: DeepEncoderModel, report: ConversionReport, source: str, l
         "# DeepEncoder checkpoint",
         "",
         f"Converted by `deepencoder` from: {source or report.source}.",
-        f"Source weights licence: {license_name}.",
+        "Source weights licence: " + ("; ".join(report.licences) or "see the source weights' licence") + ".",
         "",
         f"- SAM stage: ViT {sam.hidden_size}-d, {sam.num_hidden_layers} blocks, global blocks {sam.global_attn_indexes}",
         f"- CLIP stage: {clip.hidden_size}-d, {clip.num_hidden_layers} layers",

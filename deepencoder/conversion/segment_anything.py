@@ -7,13 +7,8 @@ dropped. The architecture (ViT-B / L / H, global blocks, window) is read from te
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
-from ..modeling_deepencoder import DeepEncoderModel
-from .common import KeyTable, map_stage_keys
-from .report import ConversionReport
+from .common import DEEPENCODER, KeyTable, map_stage_keys
+from .formats import CheckpointFormat, StateDict, bare_prefix
 
 # segment-anything `ImageEncoderViT` names (after `image_encoder.`) -> DeepEncoder names
 SEGMENT_ANYTHING_MAP: KeyTable = (
@@ -49,8 +44,7 @@ DROPPED_PREFIXES: dict[str, str] = {
     "pixel_mean": "SAM's normalisation constant: the image processor normalises",
     "pixel_std": "SAM's normalisation constant: the image processor normalises",
 }
-
-ENCODER_PREFIX = {"segment-anything": "image_encoder.", "hf-sam": "vision_encoder."}
+LICENCE = "Apache-2.0 (segment-anything model weights)"
 
 
 def drop_reason(key: str) -> str | None:
@@ -65,69 +59,42 @@ def is_needed(key: str) -> bool:
     return drop_reason(key) is None
 
 
-def _convert(
-    state_dict: dict[str, torch.Tensor], table: KeyTable, prefix: str, source: str
-) -> tuple[dict[str, torch.Tensor], ConversionReport]:
-    report = ConversionReport(source=source)
-    bare = not any(key.startswith(prefix) for key in state_dict)  # the image encoder's own state dict
-    encoder: dict[str, torch.Tensor] = {}
-    original: dict[str, str] = {}  # encoder-relative name -> name in the checkpoint
-    for key, tensor in state_dict.items():
-        reason = drop_reason(key)
-        if reason is not None:
-            report.dropped[key] = reason
-            continue
-        name = key[len(prefix) :] if key.startswith(prefix) else key
-        if not bare and not key.startswith(prefix):
-            name = "\0" + key  # outside the image encoder and not a known part: matches no row
-        encoder[name] = tensor
-        original[name] = key
-    out = map_stage_keys(encoder, table, source, "SAM", original)
-    report.converted = sorted(out)
-    return out, report
+def convert_segment_anything(state_dict: StateDict, source: str) -> StateDict:
+    """segment-anything image-encoder tensors (`image_encoder.*`) -> DeepEncoder `sam.*` tensors."""
+    return map_stage_keys(state_dict, SEGMENT_ANYTHING_MAP, source, "SAM", prefix="image_encoder.")
 
 
-def convert_segment_anything(
-    state_dict: dict[str, torch.Tensor], source: str = "segment-anything"
-) -> tuple[dict[str, torch.Tensor], ConversionReport]:
-    """segment-anything state dict (a full `Sam`, keys `image_encoder.*`, or an `ImageEncoderViT` alone) ->
-    DeepEncoder `sam.*` tensors. Prompt encoder / mask decoder keys are dropped with their reason; any other key
-    that the table does not map is an error naming it."""
-    return _convert(state_dict, SEGMENT_ANYTHING_MAP, ENCODER_PREFIX["segment-anything"], source)
+def convert_hf_sam(state_dict: StateDict, source: str) -> StateDict:
+    """transformers `SamVisionEncoder` tensors (`vision_encoder.*`) -> DeepEncoder `sam.*` tensors."""
+    return map_stage_keys(state_dict, HF_SAM_MAP, source, "SAM", prefix="vision_encoder.")
 
 
-def convert_hf_sam(
-    state_dict: dict[str, torch.Tensor], source: str = "hf-sam"
-) -> tuple[dict[str, torch.Tensor], ConversionReport]:
-    """transformers `SamModel` / `SamVisionModel` state dict (keys `vision_encoder.*`, or the encoder alone) ->
-    DeepEncoder `sam.*` tensors."""
-    return _convert(state_dict, HF_SAM_MAP, ENCODER_PREFIX["hf-sam"], source)
-
-
-def load_segment_anything(
-    path_or_repo_id: str,
-    *,
-    revision: str | None = None,
-    dtype: torch.dtype | None = None,
-    sam_config: dict[str, Any] | None = None,
-    clip_config: dict[str, Any] | None = None,
-    config_kwargs: dict[str, Any] | None = None,
-    filesystem: Any = None,
-) -> tuple[DeepEncoderModel, ConversionReport]:
-    """A segment-anything `sam_vit_*.pth` (or transformers SAM checkpoint) -> DeepEncoderModel whose SAM trunk and
-    neck hold its image encoder; the compressor, the CLIP stage (released CLIP-L/14 config unless `clip_config`
-    says otherwise), the projector, newline and separator are freshly initialised and listed in the report."""
-    from .sources import assemble_model, read_converted
-
-    part = read_converted(
-        path_or_repo_id, formats=("segment-anything", "hf-sam"), revision=revision, filesystem=filesystem
-    )
-    return assemble_model(
-        part,
-        None,
-        source=str(path_or_repo_id),
-        dtype=dtype,
-        sam_config=sam_config,
-        clip_config=clip_config,
-        config_kwargs=config_kwargs,
-    )
+SEGMENT_ANYTHING = CheckpointFormat(
+    name="segment-anything",
+    description="segment-anything sam_vit_*.pth: a full `Sam` (image_encoder.*, prompt_encoder.*, mask_decoder.*) "
+    "or its image encoder alone",
+    family=DEEPENCODER,
+    provides=frozenset({"sam"}),
+    signatures=(("image_encoder.patch_embed.proj.weight",), ("patch_embed.proj.weight", "neck.0.weight")),
+    convert=convert_segment_anything,
+    needed=is_needed,
+    drop_reason=drop_reason,
+    canonical=bare_prefix("image_encoder."),
+    licence=LICENCE,
+)
+HF_SAM = CheckpointFormat(
+    name="hf-sam",
+    description="transformers' `SamModel` / `SamVisionModel` (vision_encoder.*)",
+    family=DEEPENCODER,
+    provides=frozenset({"sam"}),
+    signatures=(
+        ("vision_encoder.patch_embed.projection.weight",),
+        ("patch_embed.projection.weight", "neck.conv1.weight"),
+    ),
+    convert=convert_hf_sam,
+    needed=is_needed,
+    drop_reason=drop_reason,
+    canonical=bare_prefix("vision_encoder."),
+    licence=LICENCE,
+)
+FORMATS = (SEGMENT_ANYTHING, HF_SAM)

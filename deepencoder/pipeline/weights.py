@@ -1,5 +1,5 @@
-"""`--weights` -> a DeepEncoderModel: `random`, a `save_pretrained` directory of this library, or a DeepSeek-OCR
-checkpoint (local directory / file or hub id)."""
+"""`--weights` -> a DeepEncoderModel: `random`, a `save_pretrained` directory of this library, or any checkpoint
+holding the whole tower (DeepSeek-OCR, transformers' UnlimitedOcr port; local directory / file or hub id)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 from ..configuration_deepencoder import DeepEncoderConfig
+from ..conversion.io import CheckpointError
+from ..conversion.load import load_tower
 from ..modeling_deepencoder import DeepEncoderModel
 
 DEFAULT_WEIGHTS = "deepseek-ai/DeepSeek-OCR"
@@ -68,10 +70,8 @@ def load_model(
         model = DeepEncoderModel.from_pretrained(weights)
         description = f"deepencoder checkpoint {weights}"
     else:
-        from ..conversion.io import CheckpointError
-
         try:
-            model = DeepEncoderModel.from_deepseek_ocr(weights)
+            model, _ = load_tower(weights)
         except CheckpointError as error:
             message = str(error)
             if "pass its local directory" not in message:
@@ -79,7 +79,7 @@ def load_model(
                     "; pass --weights with a local DeepSeek-OCR directory, a `deepencoder convert` output, or `random`"
                 )
             raise WeightsError(message) from error
-        description = f"DeepSeek-OCR checkpoint {weights}"
+        description = f"converted checkpoint {weights} (vision tensors only)"
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), description

@@ -1,0 +1,148 @@
+"""The conversions users call: a checkpoint (local path or hub id) -> a model + report, each one `read_converted`
+followed by `build_model` (a whole tower) or `assemble_model` (stages, the rest initialised)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from ..modeling_deepencoder import DeepEncoderModel
+from .common import DEEPENCODER
+from .formats import ModelFamily
+from .registry import FORMATS
+from .report import ConversionReport
+from .sources import assemble_model, build_model, read_converted
+
+
+def formats_providing(stage: str, family: ModelFamily = DEEPENCODER) -> tuple[str, ...]:
+    """Names of the registered formats of `family` holding `stage`."""
+    return tuple(name for name, record in FORMATS.items() if record.family is family and stage in record.provides)
+
+
+def whole_tower_formats(family: ModelFamily = DEEPENCODER) -> tuple[str, ...]:
+    """Names of the registered formats holding a whole tower of `family`."""
+    return tuple(name for name, record in FORMATS.items() if record.family is family and record.whole_tower)
+
+
+def load_tower(
+    path_or_repo_id: str,
+    *,
+    family: ModelFamily = DEEPENCODER,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    config_kwargs: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> tuple[PreTrainedModel, ConversionReport]:
+    """Any checkpoint holding a whole tower of `family` (for v1: DeepSeek-OCR, transformers' UnlimitedOcr models
+    in either naming, a deepencoder directory) -> the model, loaded strictly, and the report. Only the vision
+    tensors are read."""
+    part = read_converted(
+        path_or_repo_id, formats=whole_tower_formats(family), revision=revision, filesystem=filesystem
+    )
+    return build_model(part, dtype=dtype, config_kwargs=config_kwargs)
+
+
+def load_deepseek_ocr(
+    path_or_repo_id: str,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    config_kwargs: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> DeepEncoderModel:
+    """Local directory / file or hub id of DeepSeek-OCR (or of transformers' UnlimitedOcr port) -> DeepEncoderModel
+    with the released vision weights.
+
+    filesystem: an fsspec-style file system to read through (defaults: local files, or `HfFileSystem` for a hub id).
+    """
+    model, _ = load_tower(
+        path_or_repo_id, revision=revision, dtype=dtype, config_kwargs=config_kwargs, filesystem=filesystem
+    )
+    return model
+
+
+def load_segment_anything(
+    path_or_repo_id: str,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    sam_config: dict[str, Any] | None = None,
+    clip_config: dict[str, Any] | None = None,
+    config_kwargs: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> tuple[DeepEncoderModel, ConversionReport]:
+    """A checkpoint holding a SAM stage (segment-anything `sam_vit_*.pth`, transformers SAM, ...) -> DeepEncoderModel
+    whose SAM trunk and neck hold its image encoder; the compressor (unless the source has one), the CLIP stage
+    (released CLIP-L/14 config unless `clip_config` says otherwise), the projector, newline and separator are
+    freshly initialised and listed in the report."""
+    part = read_converted(path_or_repo_id, formats=formats_providing("sam"), revision=revision, filesystem=filesystem)
+    return assemble_model(
+        part,
+        None,
+        source=str(path_or_repo_id),
+        dtype=dtype,
+        sam_config=sam_config,
+        clip_config=clip_config,
+        config_kwargs=config_kwargs,
+    )
+
+
+def load_clip(
+    path_or_repo_id: str,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    sam_config: dict[str, Any] | None = None,
+    clip_config: dict[str, Any] | None = None,
+    config_kwargs: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> tuple[DeepEncoderModel, ConversionReport]:
+    """A checkpoint holding a CLIP stage (open_clip / OpenAI, transformers CLIP, ...) -> DeepEncoderModel whose CLIP
+    stage holds its vision transformer; the SAM stage (released ViT-B config unless `sam_config` says otherwise),
+    projector, newline and separator are freshly initialised and listed in the report. Only the vision tensors are
+    read from safetensors.
+
+    open_clip checkpoints do not state their activation: quick-GELU (OpenAI's weights) is assumed; pass
+    `clip_config={"hidden_act": "gelu"}` for towers trained with exact GELU. transformers directories carry a
+    config.json whose heads, activation and LayerNorm eps are used."""
+    part = read_converted(path_or_repo_id, formats=formats_providing("clip"), revision=revision, filesystem=filesystem)
+    return assemble_model(
+        None,
+        part,
+        source=str(path_or_repo_id),
+        dtype=dtype,
+        sam_config=sam_config,
+        clip_config=clip_config,
+        config_kwargs=config_kwargs,
+    )
+
+
+def load_composed(
+    sam: str,
+    clip: str,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    sam_config: dict[str, Any] | None = None,
+    clip_config: dict[str, Any] | None = None,
+    config_kwargs: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> tuple[DeepEncoderModel, ConversionReport]:
+    """A new DeepEncoder from public parts, the way DeepEncoder itself was initialised before training: SAM stage
+    from `sam`, CLIP stage from `clip` (local paths or hub ids, any format holding that stage). The compressor
+    (`net_2`, `net_3`, unless the SAM source has one), projector, newline and separator are initialised and
+    reported; the compressor's widths default to (CLIP width / 2, CLIP width), 512 and 1024 for CLIP-L.
+    `revision` and `filesystem` apply to both sources."""
+    sam_part = read_converted(sam, formats=formats_providing("sam"), revision=revision, filesystem=filesystem)
+    clip_part = read_converted(clip, formats=formats_providing("clip"), revision=revision, filesystem=filesystem)
+    return assemble_model(
+        sam_part,
+        clip_part,
+        source=f"SAM stage: {sam}; CLIP stage: {clip}",
+        dtype=dtype,
+        sam_config=sam_config,
+        clip_config=clip_config,
+        config_kwargs=config_kwargs,
+    )
