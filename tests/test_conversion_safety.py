@@ -3,6 +3,9 @@ missing tensors are named, layouts are detected from keys, and range reads fetch
 
 from __future__ import annotations
 
+import builtins
+import io
+import json
 import os
 
 import pytest
@@ -11,11 +14,12 @@ from fsspec.implementations.local import LocalFileSystem
 from helpers import random_model, to_deepseek_ocr
 from test_conversion_sources import hf_clip_vision, open_clip_model, save_safetensors, segment_anything_sam
 
+from deepencoder import DeepEncoderModel
 from deepencoder.cli import main
 from deepencoder.conversion.detect import detect_format
-from deepencoder.conversion.io import CheckpointError
+from deepencoder.conversion.io import CheckpointError, load_state_dict
 from deepencoder.conversion.load import load_clip, load_deepseek_ocr, load_segment_anything
-from deepencoder.conversion.sources import convert_state_dict
+from deepencoder.conversion.sources import convert_state_dict, read_converted
 
 
 class RunsCode:
@@ -199,3 +203,40 @@ def test_initialised_parts_are_a_fresh_models(tmp_path):
     assert torch.equal(params["clip.transformer.layers.0.mlp.fc1.bias"], torch.zeros(128))
     assert 0.005 < params["projector.weight"].std().item() < 0.05  # N(0, 0.02)
     assert "clip.embeddings.class_embedding" in report.initialised
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "absolute", "shards/../../outside.safetensors"])
+def test_index_naming_a_file_outside_its_folder_is_refused_unopened(tmp_path, monkeypatch, entry):
+    """A sharded checkpoint's index may only name files inside its own folder: an entry pointing elsewhere (here at a
+    valid checkpoint, so opening it would succeed) is refused before any shard is opened, through every reading
+    path (local loader, the fsspec path that hub ids use, `from_deepseek_ocr`), with an error naming the entry."""
+    state = to_deepseek_ocr(random_model().state_dict())
+    directory = tmp_path / "checkpoint"
+    directory.mkdir()
+    save_safetensors(state, directory / "model-00001-of-00001.safetensors")
+    outside = save_safetensors(state, tmp_path / "outside.safetensors")
+    weight_map = dict.fromkeys(state, "model-00001-of-00001.safetensors")
+    weight_map["model.sam_model.pos_embed"] = str(outside) if entry == "absolute" else entry
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def recording_open(file, *args, **kwargs):
+        opened.append(os.path.realpath(file) if isinstance(file, (str, os.PathLike)) else repr(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", recording_open)
+    monkeypatch.setattr(io, "open", recording_open)
+    filesystem = CountingFileSystem()
+    attempts = [
+        lambda: load_state_dict(directory),
+        lambda: read_converted(str(directory), filesystem=filesystem),
+        lambda: DeepEncoderModel.from_deepseek_ocr(str(directory)),
+    ]
+    for attempt in attempts:
+        with pytest.raises(CheckpointError, match=r"weight_map entry 'model\.sam_model\.pos_embed'.*refused"):
+            attempt()
+    assert str(outside.resolve()) not in opened
+    assert not any(os.path.realpath(path) == str(outside.resolve()) for path, _, _ in filesystem.reads)
+    assert not any(path.endswith("model-00001-of-00001.safetensors") for path in opened)  # nothing read before

@@ -161,15 +161,37 @@ def load_state_dict(
     return {k: v for k, v in state.items() if key_filter is None or key_filter(k)}
 
 
+def shard_names(index: bytes | str, index_name: str) -> list[str]:
+    """The shard files a `*.safetensors.index.json` names, each checked to lie inside the index's own folder
+    before anything is opened: a name that is absolute, has a `..` component or a drive is refused, naming the
+    entry (an index must not make the loader open `../../etc/passwd`)."""
+    try:
+        weight_map = json.loads(index)["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{index_name}: not a safetensors index ({error})") from error
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_name}: not a safetensors index (weight_map is not a mapping)")
+    for key, name in weight_map.items():
+        parts = str(name).replace("\\", "/").split("/")
+        if (
+            not isinstance(name, str)
+            or not name
+            or name.startswith(("/", "\\"))
+            or ":" in parts[0]  # a Windows drive or a URL scheme
+            or any(part in ("", ".", "..") for part in parts)
+        ):
+            raise CheckpointError(
+                f"{index_name}: weight_map entry {key!r} -> {name!r} does not name a file inside the checkpoint's "
+                "folder; refused"
+            )
+    return sorted(set(weight_map.values()))
+
+
 def safetensors_files(directory: Path) -> list[Path]:
     """Shards of a directory: those named by `*.safetensors.index.json` when present, else every *.safetensors."""
     indexes = sorted(directory.glob("*.safetensors.index.json"))
     if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as error:
-            raise CheckpointError(f"{indexes[0]}: not a safetensors index ({error})") from error
-        files = [directory / name for name in sorted(set(weight_map.values()))]
+        files = [directory / name for name in shard_names(indexes[0].read_bytes(), str(indexes[0]))]
         absent = [str(f) for f in files if not f.exists()]
         if absent:
             raise CheckpointError(f"{indexes[0]}: names shards that are missing: {absent}")

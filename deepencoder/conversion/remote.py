@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from .io import CheckpointError, load_pickle_weights, load_state_dict, read_safetensors, read_safetensors_header
+from .io import (
+    CheckpointError,
+    load_pickle_weights,
+    load_state_dict,
+    read_safetensors,
+    read_safetensors_header,
+    shard_names,
+)
 
 # a hub repository, optionally followed by a file or folder inside it: owner/name[/path/in/repo]
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.-]+)*$")
@@ -46,10 +53,8 @@ def open_checkpoint(path_or_repo_id: str, revision: str | None = None, filesyste
     elif filesystem is None:
         if not REPO_ID.match(name):
             raise CheckpointError(f"{name}: no such file or directory, and not a hub id of the form 'owner/name'")
-        try:
-            from huggingface_hub import HfFileSystem
-        except ImportError as error:  # pragma: no cover - huggingface_hub ships with transformers
-            raise CheckpointError(f"{name}: reading from the hub needs huggingface_hub") from error
+        from huggingface_hub import HfFileSystem  # a dependency; imported only when a hub id is read
+
         repo, _, inner = name.partition("/")[2].partition("/")
         owner = name.split("/", 1)[0]
         root = f"{owner}/{repo}" + (f"@{revision}" if revision else "") + (f"/{inner}" if inner else "")
@@ -62,8 +67,8 @@ def open_checkpoint(path_or_repo_id: str, revision: str | None = None, filesyste
         indexes = sorted(filesystem.glob(f"{root}/*.safetensors.index.json"))
         if indexes:
             with filesystem.open(indexes[0], "rb") as handle:
-                weight_map = json.loads(handle.read())["weight_map"]
-            files = [f"{root}/{shard}" for shard in sorted(set(weight_map.values()))]
+                shards = shard_names(handle.read(), indexes[0])
+            files = [f"{root}/{shard}" for shard in shards]
         else:
             files = sorted(filesystem.glob(f"{root}/*.safetensors"))
             if len(files) > 1 and not all(SHARD_NAME.match(f) for f in files):
