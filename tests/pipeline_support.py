@@ -170,3 +170,50 @@ def cli(args: list[str], cwd: Path | None = None, **kwargs) -> subprocess.Comple
         [sys.executable, "-m", "deepencoder", "encode", *args], cwd=cwd, env=env, capture_output=True, text=True,
         **kwargs,
     )  # fmt: skip
+
+
+class CrashOnce(torch.nn.Module):
+    """A tower whose first forward (in any process) kills its process, as a segfaulting page or an OOM-killed
+    worker would: `marker` is created first, so the retried batch runs normally."""
+
+    def __init__(self, model: torch.nn.Module, marker: str) -> None:
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.marker = marker
+
+    def forward(self, **kwargs):
+        try:
+            fd = os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return self.model(**kwargs)
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        os._exit(1)
+
+
+class CrashOnceLoader:
+    """Picklable model loader for the Ray engine: the saved tiny tower wrapped in `CrashOnce`."""
+
+    def __init__(self, weights: Path, marker: Path) -> None:
+        self.weights, self.marker = str(weights), str(marker)
+
+    def __call__(self) -> torch.nn.Module:
+        from deepencoder import DeepEncoderModel
+
+        return CrashOnce(DeepEncoderModel.from_pretrained(self.weights).eval(), self.marker)
+
+
+def copy_tree_to(fs_url: str, folder: Path) -> None:
+    """Copy a local folder's files to an fsspec URL (e.g. memory://in)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(fs_url)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fs.pipe_file(f"{root}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+
+
+def comparable(rows: list[dict], volatile=("seconds",)) -> dict[tuple, dict]:
+    """Manifest rows keyed by (source file name, page), timing fields dropped."""
+    return {(Path(r["source"]).name, r["page"]): {k: v for k, v in r.items() if k not in volatile} for r in rows}

@@ -110,7 +110,8 @@ def _expand_url(arg: str, seen_lists: set[str]) -> list[tuple[str, str]]:
     path = path.rstrip("/")
     if fs.isdir(path):
         found = sorted(p for p in fs.find(path) if p.lower().endswith(PDF_SUFFIXES + IMAGE_SUFFIXES))
-        return [(fs.unstrip_protocol(p), p[len(path) + 1 :]) for p in found]
+        base = arg.rstrip("/")  # sources keep the user's spelling of the folder URL
+        return [(f"{base}/{p[len(path) + 1 :]}", p[len(path) + 1 :]) for p in found]
     if path.lower().endswith(LIST_SUFFIXES) and fs.isfile(path):
         if arg in seen_lists:
             return []

@@ -1,0 +1,176 @@
+"""The local engine on fsspec URLs (`memory://`, `file://`) for inputs and --out, and the output-folder lock: two
+runs into one folder never both write (the second is refused naming the holder), stale locks are taken over."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import fsspec
+import pytest
+import torch
+from pipeline_support import (
+    CLI_SIZE,
+    REPO,
+    cli,
+    comparable,
+    copy_tree_to,
+    make_documents,
+    processor,
+    tiny_weights,
+)
+from safetensors.torch import load_file
+
+from deepencoder import DeepEncoderModel
+from deepencoder.cli import main
+from deepencoder.pipeline import EncodedPages, encode, load_manifest
+from deepencoder.pipeline.writer import LOCK, Folder, OutputLock, OutputLocked, read_rows
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    weights = tiny_weights(tmp_path_factory.mktemp("tiny"))
+    return weights, DeepEncoderModel.from_pretrained(weights).eval()
+
+
+def _stored(fs, root: str) -> dict[tuple[str, str], torch.Tensor]:
+    from safetensors.torch import load
+
+    return {
+        (path.rsplit("/", 1)[-1], key): tensor
+        for path in fs.glob(f"{root}/*.safetensors")
+        for key, tensor in load(fs.cat_file(path)).items()
+    }
+
+
+def test_memory_and_file_urls_match_local_paths(tmp_path, tiny):
+    _, model = tiny
+    make_documents(tmp_path / "in")
+    local = encode([tmp_path / "in"], tmp_path / "local", model, processor(), batch_size=2, progress=False)
+    assert local.ok and local.pages_ok == 7
+    expected = _stored(fsspec.filesystem("file"), str(tmp_path / "local"))
+    rows = comparable(read_rows(tmp_path / "local" / "manifest.jsonl"))
+
+    memory = fsspec.filesystem("memory")
+    copy_tree_to("memory://deepencoder-test/in", tmp_path / "in")
+    try:
+        result = encode(["memory://deepencoder-test/in"], "memory://deepencoder-test/out", model, processor(),
+                        batch_size=2, progress=False)  # fmt: skip
+        assert result.ok and result.pages_ok == 7
+        assert not memory.exists("/deepencoder-test/out/.lock") and not memory.find("/deepencoder-test/out/.parts")
+        stored = _stored(memory, "/deepencoder-test/out")
+        assert stored.keys() == expected.keys() and all(torch.equal(stored[k], expected[k]) for k in expected)
+        url_rows = load_manifest("memory://deepencoder-test/out")
+        assert all(r["source"].startswith("memory://deepencoder-test/in/") for r in url_rows)
+        assert comparable(url_rows, ("seconds", "source")) == {
+            k: {f: v for f, v in r.items() if f != "source"} for k, r in rows.items()
+        }
+        pages = EncodedPages("memory://deepencoder-test/out/manifest.jsonl")
+        assert len(pages) == 7 and torch.equal(pages[0]["image_embeds"], expected[("book.pdf.safetensors", "page.0")])
+
+        # resume on the object store: nothing new is written
+        before = {p: memory.cat_file(p) for p in memory.find("/deepencoder-test/out")}
+        again = encode(["memory://deepencoder-test/in"], "memory://deepencoder-test/out", model, processor(),
+                       batch_size=2, progress=False)  # fmt: skip
+        assert again.pages_ok == 0 and again.pages_skipped == 7
+        assert {p: memory.cat_file(p) for p in memory.find("/deepencoder-test/out")} == before
+    finally:
+        memory.rm("/deepencoder-test", recursive=True)
+
+    out_url = f"file://{tmp_path / 'file-out'}"
+    result = encode([f"file://{tmp_path / 'in'}"], out_url, model, processor(), batch_size=2, progress=False)
+    assert result.ok and result.pages_ok == 7
+    stored = _stored(fsspec.filesystem("file"), str(tmp_path / "file-out"))
+    assert stored.keys() == expected.keys() and all(torch.equal(stored[k], expected[k]) for k in expected)
+    assert len(load_manifest(out_url)) == 7 and len(EncodedPages(out_url)) == 7
+
+
+def test_rows_name_the_tower_and_dtype_spellings(tmp_path, tiny):
+    weights, model = tiny
+    make_documents(tmp_path / "in")
+    out = tmp_path / "out"
+    status = main(["encode", str(tmp_path / "in" / "small.png"), "--weights", str(weights), "--out", str(out),
+                   "--dtype", "bf16", "--compute-dtype", "fp32", *CLI_SIZE])  # fmt: skip
+    assert status == 0
+    (row,) = read_rows(out / "manifest.jsonl")
+    assert row["tower"] == model.config.model_type == "deepencoder" and row["dtype"] == "bfloat16"
+    assert load_file(str(out / "small.png.safetensors"))["page.0"].dtype == torch.bfloat16
+
+
+def test_two_runs_into_one_folder(tmp_path, tiny):
+    """The same command started twice: the second refuses at once naming the first (host, pid); the first
+    finishes alone; no page has two rows."""
+    weights, _ = tiny
+    make_documents(tmp_path / "in")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "in" / "book.pdf"), "--weights", str(weights), "--out", str(out), "--batch-size", "1",
+            *CLI_SIZE]  # fmt: skip
+    first = subprocess.Popen(  # 3 pages, 3 s after each: the second run starts well before the first ends
+        [sys.executable, "-m", "deepencoder", "encode", *args, "--sleep-per-batch", "3"],
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None and not read_rows(out / "manifest.jsonl"):
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run finished before the second started"
+        second = cli(args)
+        assert second.returncode == 2
+        message = second.stderr.strip().splitlines()[-1]
+        assert message.startswith("error:") and f"pid {first.pid}" in message and socket.gethostname() in message
+        assert "being written by another" in message
+    finally:
+        _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
+    rows = read_rows(out / "manifest.jsonl")
+    pages = Counter((r["document"], r["page"]) for r in rows)
+    assert len(pages) == 3 and set(pages.values()) == {1}
+    assert not (out / LOCK).exists()  # released
+
+
+def test_stale_locks_are_taken_over(tmp_path):
+    folder = Folder(tmp_path / "out")
+    folder.makedirs()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"host": socket.gethostname(), "pid": sleeper.pid, "started": time.time(), "heartbeat": time.time()}
+        (tmp_path / "out" / LOCK).write_text(json.dumps(holder))
+        with pytest.raises(OutputLocked, match=f"pid {sleeper.pid}"):
+            OutputLock(folder).acquire()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the same holder, its process now gone: stale
+    lock = OutputLock(folder).acquire()
+    assert "is gone" in lock.warning and json.loads((tmp_path / "out" / LOCK).read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "out" / LOCK).exists()
+    # another host, heartbeat older than the timeout: stale; a fresh one: held
+    holder = {"host": "elsewhere", "pid": 1, "started": time.time() - 900, "heartbeat": time.time() - 900}
+    (tmp_path / "out" / LOCK).write_text(json.dumps(holder))
+    lock = OutputLock(folder, stale_after_s=600).acquire()
+    assert "no heartbeat" in lock.warning
+    lock.release()
+    holder["heartbeat"] = time.time() - 5
+    (tmp_path / "out" / LOCK).write_text(json.dumps(holder))
+    with pytest.raises(OutputLocked, match="host elsewhere, pid 1"):
+        OutputLock(folder, stale_after_s=600).acquire()
+
+
+def test_heartbeat_refreshes_the_lock(tmp_path):
+    folder = Folder(tmp_path)
+    lock = OutputLock(folder, heartbeat_s=0.05).acquire()
+    try:
+        first = json.loads((tmp_path / LOCK).read_text())["heartbeat"]
+        deadline = time.monotonic() + 10
+        while json.loads((tmp_path / LOCK).read_text())["heartbeat"] == first and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert json.loads((tmp_path / LOCK).read_text())["heartbeat"] > first
+    finally:
+        lock.release()
