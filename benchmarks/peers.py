@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepencoder import DeepEncoderConfig, DeepEncoderModel
+from deepencoder.conversion.unlimited_ocr import to_unlimited_ocr_vision, unlimited_ocr_vision_config
 from deepencoder.modeling_sam import resize_abs_pos
 
 Encode = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -22,8 +23,6 @@ Encode = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 def _ours(state_dict, config: DeepEncoderConfig, device, dtype, *, attn="sdpa", rel_pos=None, compile=False) -> Encode:
     config = DeepEncoderConfig.from_dict(config.to_dict())
-    if rel_pos is not None:
-        config.sam_config.rel_pos_attention = rel_pos
     config._attn_implementation = attn
     config.sam_config._attn_implementation = attn
     config.clip_config._attn_implementation = attn
@@ -31,6 +30,7 @@ def _ours(state_dict, config: DeepEncoderConfig, device, dtype, *, attn="sdpa", 
         model = DeepEncoderModel(config)
     model.load_state_dict(state_dict, assign=True, strict=True)
     model = model.to(device=device, dtype=dtype).eval()
+    model.set_attention_kernel(rel_pos)
     if compile:
         model.compile()
 
@@ -51,43 +51,12 @@ def _ours(state_dict, config: DeepEncoderConfig, device, dtype, *, attn="sdpa", 
 def _transformers(state_dict, config: DeepEncoderConfig, device, dtype) -> Encode:
     """transformers' `UnlimitedOcrVisionModel` (SDPA) + a 2048 -> 1280 Linear."""
     from transformers.initialization import no_init_weights
-    from transformers.models.unlimited_ocr.configuration_unlimited_ocr import UnlimitedOcrVisionConfig
     from transformers.models.unlimited_ocr.modeling_unlimited_ocr import UnlimitedOcrVisionModel
 
-    sam, clip = config.sam_config, config.clip_config
-    reference_config = UnlimitedOcrVisionConfig(
-        sam_config=dict(
-            hidden_size=sam.hidden_size, output_channels=sam.out_channels, num_hidden_layers=sam.num_hidden_layers,
-            num_attention_heads=sam.num_attention_heads, image_size=sam.image_size, patch_size=sam.patch_size,
-            window_size=sam.window_size, global_attn_indexes=list(sam.global_attn_indexes), mlp_dim=sam.mlp_dim,
-            downsample_channels=list(sam.compressor_channels), layer_norm_eps=sam.layer_norm_eps,
-        ),
-        encoder_config=dict(
-            hidden_size=clip.hidden_size, intermediate_size=clip.intermediate_size,
-            num_hidden_layers=clip.num_hidden_layers, num_attention_heads=clip.num_attention_heads,
-            image_size=clip.image_size, patch_size=clip.patch_size, layer_norm_eps=clip.layer_norm_eps,
-        ),
-        attn_implementation="sdpa",
-    )  # fmt: skip
+    reference_config = unlimited_ocr_vision_config(config, attn_implementation="sdpa")
     with no_init_weights():  # every weight is loaded below; skipping the random init saves seconds per run
         reference = UnlimitedOcrVisionModel(reference_config)
-    neck = {"0": "conv1", "1": "layer_norm1", "2": "conv2", "3": "layer_norm2"}
-    mapped = {}
-    for key, value in state_dict.items():
-        if key.startswith("sam."):
-            k = key[4:].replace("patch_embed.proj.", "patch_embed.projection.").replace("blocks.", "layers.")
-            k = k.replace(".norm1.", ".layer_norm1.").replace(".norm2.", ".layer_norm2.")
-            if k.startswith("neck."):
-                index, rest = k[5:].split(".", 1)
-                k = f"neck.{neck[index]}.{rest}"
-            mapped["sam_encoder." + k.replace("net_2.", "proj.conv1.").replace("net_3.", "proj.conv2.")] = value
-        elif key.startswith("clip."):
-            k = "vision_encoder." + key[5:].replace("transformer.layers.", "encoder.layers.")
-            if ".qkv_proj." in k:
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                    mapped[k.replace("qkv_proj", name)] = part
-            else:
-                mapped[k] = value
+    mapped = to_unlimited_ocr_vision(state_dict)
     missing, unexpected = reference.load_state_dict(mapped, strict=False)
     if unexpected or set(missing) - {"vision_encoder.embeddings.patch_embedding.weight"}:
         raise RuntimeError(f"unmapped weights: missing {missing}, unexpected {unexpected}")

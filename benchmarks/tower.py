@@ -3,9 +3,14 @@ resolution mode, batch size and way of running the tower (this library's paths a
 outputs compared on shared random weights.
 
     python -m benchmarks.tower --device cpu --dtype fp32 [--quick] [--paths ours,transformers] [--modes base]
+        [--allocator tcmalloc] [--allocators glibc,glibc-tuned,tcmalloc,jemalloc]
 
 Every (path, mode) runs in a fresh subprocess (batch sizes ascending), so the CPU peak RSS it reports is that
-configuration's own. Results: benchmarks/results/tower-<device>-<dtype>.json and .png.
+configuration's own, and every subprocess runs under the same memory allocator (`--allocator`, default the fastest
+installed: see `deepencoder.runtime`). The headline pair (ours and transformers' port, Base batch 1) then runs
+interleaved in one process once per allocator in `--allocators` (default: every one installed), a row each; the
+headline ratio is our best row against the peer's best row. Results: benchmarks/results/tower-<device>-<dtype>.json
+and .png.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from deepencoder import DeepEncoderConfig, DeepEncoderModel
+from deepencoder import DeepEncoderConfig, DeepEncoderModel, runtime
+from deepencoder.attention import DEFAULT_REL_POS_KERNEL
 from deepencoder.layout import count_tokens
 
 RESULTS = Path(__file__).parent / "results"
@@ -249,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=RESULTS)
+    installed = runtime.available()
+    best = next((name for name in ("tcmalloc", "glibc-tuned", "jemalloc") if name in installed), "glibc")
+    parser.add_argument("--allocator", default=best, choices=runtime.ALLOCATORS, help="allocator of the tables")
+    parser.add_argument("--allocators", default=",".join(installed), help="allocators of the interleaved headline rows")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -260,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     config = DeepEncoderConfig()
-    default_rel_pos = config.sam_config.rel_pos_attention
+    default_rel_pos = DEFAULT_REL_POS_KERNEL.get(args.device.split(":")[0], "mask")
     quick_skip = ("ours-folded",) if args.quick else ()  # an option, not the default: full runs only
     names = args.paths.split(",") if args.paths else [p for p in PATHS if p not in ("ours-compile", *quick_skip)]
     names = [p for p in names if p != f"ours-{default_rel_pos}"]  # the same as "ours"
@@ -273,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
-        f"device {args.device}, {args.dtype}; default rel_pos_attention={default_rel_pos!r}",
+        f"device {args.device}, {args.dtype}; default rel-pos kernel {default_rel_pos!r}; tables under "
+        f"{args.allocator}, headline rows under {args.allocators}",
         flush=True,
     )
     peak = matmul_peak(args.device, DTYPES[args.dtype])
@@ -297,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": [args.repeats or timed_runs(args.quick) for _ in batches], "warmup": warmup(args.quick, path, mode), "output": str(tmp / f"{path}-{mode}.pt"),
                 "result": str(tmp / f"{path}-{mode}.json"),
             }  # fmt: skip
-            proc = _spawn(spec, tmp / f"{path}-{mode}.spec.json")
+            proc = _spawn(spec, tmp / f"{path}-{mode}.spec.json", args.allocator)
             if proc.returncode:
                 print(f"{path} {mode}: FAILED\n{proc.stderr[-2000:]}", flush=True)
                 records.append({"path": path, "mode": mode, "batch": batches[0], "error": proc.stderr[-2000:]})
@@ -319,20 +330,22 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
         _compare_outputs(records, tmp, TOLERANCE[args.dtype])
-        interleaved = None
+        interleaved = {}
         if set(HEADLINE) <= set(names) and "base" in modes:
             rounds = args.repeats or (3 if args.quick else 5)
-            print(f"headline: {' and '.join(HEADLINE)} alternating in one process, Base batch 1, {rounds} rounds")
-            spec = {
-                "interleaved": True, "paths": list(HEADLINE), "mode": vars(MODES["base"]), "rounds": rounds,
-                "device": args.device, "dtype": args.dtype, "config": config.to_dict(), "weights": str(weights),
-                "threads": args.threads, "result": str(tmp / "interleaved.json"),
-            }  # fmt: skip
-            proc = _spawn(spec, tmp / "interleaved.spec.json")
-            if proc.returncode:
-                print(f"interleaved headline: FAILED\n{proc.stderr[-2000:]}", flush=True)
-            else:
-                interleaved = json.loads((tmp / "interleaved.json").read_text())
+            for allocator in args.allocators.split(","):
+                print(f"headline under {allocator}: {' and '.join(HEADLINE)} alternating in one process, Base b1")
+                spec = {
+                    "interleaved": True, "paths": list(HEADLINE), "mode": vars(MODES["base"]), "rounds": rounds,
+                    "device": args.device, "dtype": args.dtype, "config": config.to_dict(), "weights": str(weights),
+                    "threads": args.threads, "result": str(tmp / f"interleaved-{allocator}.json"),
+                }  # fmt: skip
+                proc = _spawn(spec, tmp / f"interleaved-{allocator}.spec.json", allocator)
+                if proc.returncode:
+                    print(f"interleaved headline under {allocator}: FAILED\n{proc.stderr[-2000:]}", flush=True)
+                    continue
+                interleaved[allocator] = json.loads((tmp / f"interleaved-{allocator}.json").read_text())
+                print("  " + allocator_row(allocator, interleaved[allocator]), flush=True)
 
     # a shared machine can be slowed at any moment: the peak is the best of a measurement before and after
     end_peak = matmul_peak(args.device, DTYPES[args.dtype])
@@ -354,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
         "cpu_count": os.cpu_count(), "threads": args.threads, "device": args.device, "dtype": args.dtype,
-        "quick": args.quick, "matmul_peak_gflop_per_s": peak, "default_rel_pos_attention": default_rel_pos,
+        "quick": args.quick, "matmul_peak_gflop_per_s": peak, "default_rel_pos_kernel": default_rel_pos,
+        "allocator": args.allocator,
         "elapsed_s": elapsed, "paths": {p: PATHS[p][1] for p in names},
     }  # fmt: skip
     payload = {"meta": meta, "results": records, "interleaved": interleaved, "table": table, "summary": headline}
@@ -364,12 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _spawn(spec: dict, spec_file: Path) -> subprocess.CompletedProcess:
-    """Run one worker on `spec` in a fresh interpreter (its own peak RSS), output captured."""
+def _spawn(spec: dict, spec_file: Path, allocator: str) -> subprocess.CompletedProcess:
+    """Run one worker on `spec` in a fresh interpreter (its own peak RSS) under `allocator`, output captured."""
     spec_file.write_text(json.dumps(spec))
     return subprocess.run(
         [sys.executable, "-m", "benchmarks.tower", "--worker", str(spec_file)],
         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+        env=runtime.environment(allocator),
     )  # fmt: skip
 
 
@@ -417,17 +432,28 @@ def _compare_outputs(records: list[dict], tmp: Path, tolerance: float) -> None:
             record["reference"] = first["reference"]
 
 
-def summary(records: list[dict], interleaved: dict[str, list[float]] | None = None) -> str:
-    """The issue's acceptance figure (transformers' time over our default path's), from the interleaved rounds
-    and per (mode, batch) both ran in their own processes."""
+def allocator_row(allocator: str, times: dict[str, list[float]]) -> str:
+    ours, peer = times[HEADLINE[0]], times[HEADLINE[1]]
+    return (
+        f"{allocator:12s} ours best {min(ours):.2f} s / median {statistics.median(ours):.2f} s, transformers best "
+        f"{min(peer):.2f} s / median {statistics.median(peer):.2f} s: {min(peer) / min(ours):.2f}x (best), "
+        f"{statistics.median(peer) / statistics.median(ours):.2f}x (median)"
+    )
+
+
+def summary(records: list[dict], interleaved: dict[str, dict[str, list[float]]] | None = None) -> str:
+    """The issue's acceptance figure: transformers' best allocator row over our best allocator row (interleaved
+    rounds), one row per allocator, then per (mode, batch) the pair in their own processes."""
     lines = []
     if interleaved:
-        ours, peer = interleaved[HEADLINE[0]], interleaved[HEADLINE[1]]
+        lines.append(f"base b1, interleaved in one process ({len(next(iter(interleaved.values()))['ours'])} rounds):")
+        lines.extend("  " + allocator_row(name, times) for name, times in interleaved.items())
+        ours = {name: min(times[HEADLINE[0]]) for name, times in interleaved.items()}
+        peer = {name: min(times[HEADLINE[1]]) for name, times in interleaved.items()}
+        best_ours, best_peer = min(ours, key=ours.get), min(peer, key=peer.get)
         lines.append(
-            f"base b1, interleaved in one process ({len(ours)} rounds): ours best {min(ours):.2f} s / median "
-            f"{statistics.median(ours):.2f} s vs transformers best {min(peer):.2f} s / median "
-            f"{statistics.median(peer):.2f} s: {min(peer) / min(ours):.2f}x (best), "
-            f"{statistics.median(peer) / statistics.median(ours):.2f}x (median)"
+            f"headline: ours under {best_ours} {ours[best_ours]:.2f} s vs transformers' best row ({best_peer}) "
+            f"{peer[best_peer]:.2f} s: {peer[best_peer] / ours[best_ours]:.2f}x"
         )
     for mode in MODES:
         for batch in (1, 4):

@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The console script. Run from the command line (argv None) it first gives the process the fastest memory
+    allocator available (`deepencoder.runtime.configure_allocator`; `DEEPENCODER_ALLOCATOR=system` keeps the
+    process as started); called from Python with an argv list it leaves the process alone."""
+    if argv is None:
+        from .runtime import configure_allocator
+
+        configure_allocator()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -51,11 +51,10 @@ class DeepEncoderSamConfig(PretrainedConfig):
         use_abs_pos: absolute position embedding.
         out_channels: neck width (segment-anything's image embedding width).
         compressor_channels: output widths of the stride-2 convs after the neck (`net_2`, `net_3`).
-        rel_pos_attention: how SDPA receives the relative-position bias: `mask` (the default: an additive mask
-            built per block of (heads x query rows), at most 16 MB at a time, so it stays in cache while the fused
-            kernel reads it; fastest on CPU in `benchmarks/tower.py`: a global block's attention 0.49 s against
-            1.2 s folded at 1024 px on a 2-core machine) or `folded` (appended to q and k as extra
-            channels so a mask-free fused kernel runs; q/k/v get 3x wider heads in global blocks).
+
+    The attention kernel (how SDPA receives the rel-pos bias) is not architecture and is not part of the config: it
+    is chosen per device at run time (`deepencoder.attention`); configs saved with the old `rel_pos_attention` key
+    still load (the key is ignored).
     """
 
     model_type = "deepencoder_sam"
@@ -78,12 +77,9 @@ class DeepEncoderSamConfig(PretrainedConfig):
         use_abs_pos: bool = True,
         out_channels: int = 256,
         compressor_channels: list[int] | tuple[int, ...] = (512, 1024),
-        rel_pos_attention: str = "mask",
         **kwargs: Any,
     ) -> None:
-        if rel_pos_attention not in ("folded", "mask"):
-            raise ValueError(f"rel_pos_attention must be 'folded' or 'mask', got {rel_pos_attention!r}")
-        self.rel_pos_attention = rel_pos_attention
+        kwargs.pop("rel_pos_attention", None)  # a kernel choice saved by earlier versions; see `deepencoder.attention`
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .attention import attention
 from .configuration_deepencoder import DeepEncoderClipConfig
 
 
@@ -70,12 +71,8 @@ class ClipAttention(nn.Module):
         batch, n, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).reshape(batch, n, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, hd)
-        implementation = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        if implementation == "eager":
-            attn = ((query * self.scale) @ key.transpose(-2, -1)).softmax(dim=-1, dtype=torch.float32)
-            out = attn.to(query.dtype) @ value
-        else:
-            out = F.scaled_dot_product_attention(query, key, value)
+        implementation = getattr(self.config, "_attn_implementation", None)
+        out = attention(query, key, value, scale=self.scale, implementation=implementation)
         return self.out_proj(out.transpose(1, 2).reshape(batch, n, -1))
 
 

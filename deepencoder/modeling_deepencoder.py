@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .attention import REL_POS_KERNELS
 from .configuration_deepencoder import DeepEncoderConfig
 from .freezing import FreezeTargets, FreezingMixin
 from .layout import layout_page
@@ -143,6 +144,16 @@ class DeepEncoderModel(DeepEncoderPreTrainedModel):
         from .conversion.load import load_deepseek_ocr
 
         return load_deepseek_ocr(path_or_repo_id, revision=revision, dtype=dtype, config_kwargs=kwargs)
+
+    def set_attention_kernel(self, rel_pos: str | None = None) -> None:
+        """Pin the kernel SAM's rel-pos attention runs with (`mask`, `folded`, `eager`, or one registered with
+        `deepencoder.attention.register_rel_pos_kernel`); None restores the per-device default. A run-time choice:
+        it is not saved with the model and does not change the math (tests keep every kernel equal)."""
+        if rel_pos is not None and rel_pos not in REL_POS_KERNELS:
+            raise ValueError(f"unknown rel-pos kernel {rel_pos!r}; registered: {sorted(REL_POS_KERNELS)}")
+        for module in self.modules():
+            if isinstance(module, SamAttention):
+                module.kernel = rel_pos
 
     # ------------------------------------------------------------------ compute
     def encode_views(

@@ -13,17 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .attention import attention, rel_pos_attention
 from .configuration_deepencoder import DeepEncoderSamConfig
-
-ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa")
-REL_POS_MODES = ("folded", "mask")
-# entries of one additive-mask block of `masked_rel_pos_attention` (16 MB in fp32): one head's block of query rows
-# of a 1024 px global view, so the mask and that head's keys and values stay in cache while the fused kernel reads
-# them (and the CPU allocator recycles the block instead of page-faulting fresh memory in)
-MASK_BLOCK_ELEMENTS = 2**22
-# largest temporary the CPU inference path allocates in one piece: glibc serves larger blocks by mmap, which the
-# kernel zero-fills page by page on every use instead of recycling them from the heap (30 MB: under the 32 MB cap)
-CPU_TEMPORARY_BYTES = 30 * 2**20
 
 
 def resize_abs_pos(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -76,109 +67,6 @@ def decomposed_rel_pos(
     return rel_h, rel_w
 
 
-def rel_pos_mask(rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
-    """Materialise the additive bias: (B, heads, N, H), (B, heads, N, W) -> (B, heads, N, H*W)."""
-    batch, heads, n, height = rel_h.shape
-    width = rel_w.shape[-1]
-    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(batch, heads, n, height * width)
-
-
-def folded_rel_pos_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    rel_h: torch.Tensor,
-    rel_w: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """Attention with the decomposed bias folded into the dot product, so no (N x N) mask exists.
-
-    q' = [q * scale, rel_h, rel_w] and k' = [k, onehot(row(k)), onehot(col(k))] give
-    q'.k' = scale q.k + rel_h[row(k)] + rel_w[col(k)], exactly the biased logits; SDPA then runs mask-free with
-    scale 1. query/key/value: (B, heads, N, hd); rel_h: (B, heads, N, H); rel_w: (B, heads, N, W).
-    `value` is zero-padded to the width of q'/k' (and the output sliced back): fused SDPA kernels such as PyTorch's
-    CPU flash kernel need one head size for q, k and v and otherwise fall back to the unfused math path.
-    """
-    batch, heads, n, head_dim = key.shape
-    height, width = rel_h.shape[-1], rel_w.shape[-1]
-    rows = torch.arange(height, device=key.device).repeat_interleave(width)
-    cols = torch.arange(width, device=key.device).repeat(height)
-    onehot_h = F.one_hot(rows, height).to(key.dtype)  # (N, H)
-    onehot_w = F.one_hot(cols, width).to(key.dtype)  # (N, W)
-    q_ext = torch.cat([query * scale, rel_h, rel_w], dim=-1)  # (B, heads, N, hd + H + W)
-    k_ext = torch.cat([key, onehot_h.expand(batch, heads, n, height), onehot_w.expand(batch, heads, n, width)], dim=-1)
-    v_ext = F.pad(value, (0, height + width))  # (B, heads, N, hd + H + W)
-    return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :head_dim]
-
-
-def _static_tracing() -> bool:
-    """True while torch.compile / torch.export trace the model: the blocked loops below then take their
-    functional form (no writes into a preallocated output) so graphs stay clean and batch sizes may be symbolic."""
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-
-
-def _eager_cpu_inference(x: torch.Tensor) -> bool:
-    """True for CPU tensors run eagerly without autograd: where the CPU-only allocation-size fast paths apply."""
-    return x.device.type == "cpu" and not (torch.is_grad_enabled() or _static_tracing())
-
-
-def _qkv_biases(qkv: nn.Linear) -> tuple[torch.Tensor | None, ...]:
-    """A fused qkv Linear's bias split into its q, k and v parts (None each without a bias)."""
-    return qkv.bias.chunk(3) if qkv.bias is not None else (None,) * 3
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether calling around `module` (using its weights directly) would skip a forward hook."""
-    from torch.nn.modules import module as module_base
-
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module_base._global_forward_hooks
-        or module_base._global_forward_pre_hooks
-    )
-
-
-def masked_rel_pos_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    rel_h: torch.Tensor,
-    rel_w: torch.Tensor,
-    mask_block_elements: int = MASK_BLOCK_ELEMENTS,
-) -> torch.Tensor:
-    """SDPA with the decomposed bias as an additive mask, built one (heads x query rows) block at a time.
-
-    query/key/value: (B, heads, N, hd); rel_h: (B, heads, N, H); rel_w: (B, heads, N, W) -> (B, heads, N, hd).
-    Each block's mask (B, h, rows, N) holds at most `mask_block_elements` entries (counted per batch element when
-    the batch size is symbolic, as in a dynamic-batch export), so the full (B, heads, N, N) mask (805 MB per global
-    block of a 1024 px page in fp32) never exists and each block's mask, keys and values stay in cache while the
-    fused kernel reads them; every block runs over all keys, so the result equals the one-shot masked call.
-    Outside tracing the blocks are written into one (B, N, heads, hd) buffer and its transposed view is returned,
-    so the caller's `transpose(1, 2).reshape(B, N, heads * hd)` is free.
-    """
-    batch, heads, n, head_dim = query.shape
-    per_row = key.shape[2] * (batch if isinstance(batch, int) else 1)
-    rows = max(1, min(n, mask_block_elements // per_row))
-    heads_per_block = max(1, min(heads, mask_block_elements // (rows * per_row)))
-    if rows >= n and heads_per_block >= heads:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=rel_pos_mask(rel_h, rel_w))
-    head_starts, row_starts = range(0, heads, heads_per_block), range(0, n, rows)
-
-    def block(h: int, r: int) -> torch.Tensor:
-        hs, rs = slice(h, h + heads_per_block), slice(r, r + rows)
-        mask = rel_pos_mask(rel_h[:, hs, rs], rel_w[:, hs, rs])
-        return F.scaled_dot_product_attention(query[:, hs, rs], key[:, hs], value[:, hs], attn_mask=mask)
-
-    if torch.is_grad_enabled() or _static_tracing():
-        return torch.cat([torch.cat([block(h, r) for r in row_starts], dim=2) for h in head_starts], dim=1)
-    out = query.new_empty(batch, n, heads, head_dim)
-    for h in head_starts:
-        for r in row_starts:
-            out[:, r : r + rows, h : h + heads_per_block] = block(h, r).transpose(1, 2)
-    return out.transpose(1, 2)
-
-
 class SamAttention(nn.Module):
     """Multi-head self-attention with decomposed relative position bias. x: (B, H, W, C) -> (B, H, W, C)."""
 
@@ -194,6 +82,9 @@ class SamAttention(nn.Module):
         if self.use_rel_pos:
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
+        # rel-pos attention kernel pinned at run time (`DeepEncoderModel.set_attention_kernel`); None: the device's
+        # default (`deepencoder.attention.DEFAULT_REL_POS_KERNEL`). Not architecture: never saved in the config.
+        self.kernel: str | None = None
 
     def forward(self, hidden_states: torch.Tensor, window_size: int = 0) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C): attention over the whole grid, or within window_size x window_size
@@ -216,22 +107,13 @@ class SamAttention(nn.Module):
         return self.proj(window_unpartition(self.attend(*windows), window_size, padded, (height, width)))
 
     def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, H, W, C) -> query, key, value, each (B, H, W, C).
-
-        On the CPU without autograd a plain `qkv` Linear runs as three launches on slices of its weight: each
-        output then stays under glibc's 32 MB mmap threshold at 1024 px, so it is recycled from the heap instead of
-        page-faulted in afresh (one (4096, 2304) fp32 output: ~30% slower). Anything else (autograd, tracing, GPUs,
-        a wrapped `qkv` such as a LoRA layer, hooks on `qkv`) runs the module once and splits its output.
-        """
-        qkv = self.qkv
-        if type(qkv) is nn.Linear and _eager_cpu_inference(hidden_states) and not _has_hooks(qkv):
-            return tuple(F.linear(hidden_states, w, b) for w, b in zip(qkv.weight.chunk(3), _qkv_biases(qkv)))
-        return qkv(hidden_states).chunk(3, dim=-1)
+        """(B, H, W, C) -> query, key, value, each (B, H, W, C)."""
+        return self.qkv(hidden_states).chunk(3, dim=-1)
 
     def _zero_token_projections(self, like: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """What `qkv` gives a zero (padding) token, as (q, k, v) fills: a plain Linear's bias (None: zeros)."""
         if type(self.qkv) is nn.Linear:
-            return _qkv_biases(self.qkv)
+            return self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
         return self.qkv(like.new_zeros(like.shape[-1])).chunk(3)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -241,23 +123,14 @@ class SamAttention(nn.Module):
             x.reshape(batch, height * width, self.num_heads, -1).transpose(1, 2) for x in (query, key, value)
         )  # each (B, heads, N, hd)
 
-        rel_h = rel_w = None
+        implementation = getattr(self.config, "_attn_implementation", None)
         if self.use_rel_pos:
             rel_h, rel_w = decomposed_rel_pos(query, self.rel_pos_h, self.rel_pos_w, height, width)
-
-        implementation = getattr(self.config, "_attn_implementation", None) or "sdpa"
-        if implementation == "eager":
-            attn = (query * self.scale) @ key.transpose(-2, -1)  # (B, heads, N, N)
-            if rel_h is not None:
-                attn = attn + rel_pos_mask(rel_h, rel_w)
-            attn = attn.softmax(dim=-1, dtype=torch.float32).to(query.dtype)
-            out = attn @ value
-        elif rel_h is None:
-            out = F.scaled_dot_product_attention(query, key, value)
-        elif self.config.rel_pos_attention == "folded":
-            out = folded_rel_pos_attention(query, key, value, rel_h, rel_w, self.scale)
+            out = rel_pos_attention(
+                query, key, value, rel_h, rel_w, scale=self.scale, implementation=implementation, kernel=self.kernel
+            )
         else:
-            out = masked_rel_pos_attention(query, key, value, rel_h, rel_w)
+            out = attention(query, key, value, scale=self.scale, implementation=implementation)
         return out.transpose(1, 2).reshape(batch, height, width, -1)  # (B, H, W, C)
 
 
@@ -308,28 +181,7 @@ class SamMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., C) -> (..., C)."""
-        if not _eager_cpu_inference(x):
-            return self._mlp(x)
-        tokens = x.shape[:-1].numel()
-        per_token = self.lin1.out_features * x.element_size()
-        if tokens * per_token <= CPU_TEMPORARY_BYTES:
-            return self._mlp(x)
-        # CPU inference: the (tokens x mlp_dim) activation in equal chunks under glibc's mmap threshold, recycled
-        # from the heap instead of page-faulted in afresh for every block
-        chunks = -(-tokens * per_token // CPU_TEMPORARY_BYTES)
-        step = -(-tokens // chunks)
-        flat = x.reshape(-1, x.shape[-1])
-        out = flat.new_empty(tokens, self.lin2.out_features)
-        for start in range(0, tokens, step):
-            out[start : start + step] = self._mlp(flat[start : start + step])
-        return out.view(*x.shape[:-1], -1)
-
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.lin1(x)  # (..., mlp_dim)
-        if torch.is_grad_enabled() and hidden.requires_grad:
-            return self.lin2(self.act(hidden))
-        # inference: activate in place, one (tokens x mlp_dim) buffer instead of two
-        return self.lin2(F.gelu(hidden, approximate=self.act.approximate, out=hidden))
+        return self.lin2(self.act(self.lin1(x)))
 
 
 class SamBlock(GradientCheckpointingLayer):
@@ -345,13 +197,8 @@ class SamBlock(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (B, H, W, C) -> (B, H, W, C)."""
-        x = self.attn(self.norm1(hidden_states), self.window_size)
-        if torch.is_grad_enabled() or _has_hooks(self.attn) or _has_hooks(self.mlp):
-            hidden_states = hidden_states + x
-            return hidden_states + self.mlp(self.norm2(hidden_states))
-        # inference: the residual sums reuse the fresh branch outputs (no hook holds them) instead of allocating
-        hidden_states = x.add_(hidden_states)
-        return self.mlp(self.norm2(hidden_states)).add_(hidden_states)
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states), self.window_size)
+        return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
 class LayerNorm2d(nn.Module):

@@ -1,22 +1,21 @@
-"""Every fast path of the tower against its plain path, on tiny configs (fp32, relative error <= 1e-5 unless
-stated): the blocked additive mask against the one-shot mask and the eager formula, the folded bias on a fused
-SDPA kernel, batching against one view at a time, and torch.compile without graph breaks."""
+"""Every attention kernel and fast path of the tower against an independent plain path, on tiny configs (fp32,
+relative error <= 1e-5 unless stated): each rel-pos kernel against segment-anything's `add_decomposed_rel_pos`
++ softmax, the blocked mask at ragged block sizes, the folded bias on a fused SDPA kernel, GQA attention against
+repeated heads, batching against one view at a time, torch.compile without graph breaks, and the invariants that
+hooks and autocast see the same model whatever mode runs."""
+
+import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import random_model, rel_err, tiny_config
+from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
-from deepencoder import modeling_sam
-from deepencoder.modeling_sam import (
-    decomposed_rel_pos,
-    folded_rel_pos_attention,
-    masked_rel_pos_attention,
-    window_partition,
-    window_unpartition,
-)
+from deepencoder import DeepEncoderModel, attention
+from deepencoder.modeling_sam import decomposed_rel_pos, window_partition, window_unpartition
 
 TOL = 1e-5
+KERNELS = ["eager", "mask", "folded"]
 
 
 def _attention_inputs(batch=2, heads=3, height=5, width=7, head_dim=16):
@@ -24,26 +23,69 @@ def _attention_inputs(batch=2, heads=3, height=5, width=7, head_dim=16):
     q, k, v = (torch.randn(batch, heads, height * width, head_dim, generator=generator) for _ in range(3))
     rel_pos_h = 0.5 * torch.randn(2 * height - 1, head_dim, generator=generator)
     rel_pos_w = 0.5 * torch.randn(2 * width - 1, head_dim, generator=generator)
-    rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, height, width)
-    return q, k, v, rel_h, rel_w
+    return q, k, v, rel_pos_h, rel_pos_w, (height, width)
 
 
-def _eager(q, k, v, rel_h, rel_w):
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    logits = logits + (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
-    return logits.softmax(-1) @ v
+def _segment_anything_attention(q, k, v, rel_pos_h, rel_pos_w, size):
+    """segment-anything's own bias code on (B * heads, N, hd), then softmax and the value product."""
+    batch, heads, n, head_dim = q.shape
+    q3, k3, v3 = (x.reshape(batch * heads, n, head_dim) for x in (q, k, v))
+    logits = (q3 * head_dim**-0.5) @ k3.transpose(-2, -1)
+    logits = add_decomposed_rel_pos(logits, q3, rel_pos_h, rel_pos_w, size, size)
+    return (logits.softmax(-1) @ v3).reshape(batch, heads, n, head_dim)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("inference", [False, True], ids=["autograd", "inference"])
+def test_rel_pos_kernels_equal_segment_anything(kernel, inference):
+    q, k, v, rel_pos_h, rel_pos_w, size = _attention_inputs()
+    expected = _segment_anything_attention(q, k, v, rel_pos_h, rel_pos_w, size)
+    rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, *size)
+    with torch.inference_mode(inference):
+        actual = attention.rel_pos_attention(q, k, v, rel_h, rel_w, scale=q.shape[-1] ** -0.5, kernel=kernel)
+    assert actual.shape == expected.shape
+    assert rel_err(actual, expected) < TOL
 
 
 # per block of (heads x rows), 3 heads x 35 rows in all: 1 x 1, 1 x 4 (ragged rows), 2 x 35 (ragged heads), all
 @pytest.mark.parametrize("elements", [1, 2 * 35 * 4, 2 * 35 * 35 * 2, 10**9])
 @pytest.mark.parametrize("inference", [False, True], ids=["autograd", "inference"])
-def test_blocked_mask_equals_eager(elements, inference):
+def test_blocked_mask_at_every_block_shape(elements, inference):
     """Both the functional form (autograd, tracing) and the write-into-one-buffer form (inference)."""
-    q, k, v, rel_h, rel_w = _attention_inputs()
-    expected = _eager(q, k, v, rel_h, rel_w)
+    q, k, v, rel_pos_h, rel_pos_w, size = _attention_inputs()
+    expected = _segment_anything_attention(q, k, v, rel_pos_h, rel_pos_w, size)
+    rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, *size)
     with torch.inference_mode(inference):
-        actual = masked_rel_pos_attention(q, k, v, rel_h, rel_w, mask_block_elements=elements)
-    assert actual.shape == expected.shape
+        actual = attention.masked_rel_pos_attention(
+            q, k, v, rel_h, rel_w, scale=q.shape[-1] ** -0.5, mask_block_elements=elements
+        )
+    assert rel_err(actual, expected) < TOL
+
+
+def test_folded_kernel_runs_a_fused_sdpa_kernel():
+    q, k, v, rel_pos_h, rel_pos_w, size = _attention_inputs()
+    rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, *size)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        attention.folded_rel_pos_attention(q, k, v, rel_h, rel_w, scale=q.shape[-1] ** -0.5)
+    names = {event.name for event in profile.events()}
+    # q'/k' are wider than v; padding v keeps SDPA off the unfused math fallback
+    assert "aten::_scaled_dot_product_attention_math" not in names, sorted(n for n in names if "attention" in n)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_query_attention_equals_repeated_heads(implementation, masked):
+    """6 query heads sharing 2 key/value heads, with a boolean mask, against plain SDPA on repeated K/V."""
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 6, 9, 8, generator=generator)
+    k, v = (torch.randn(2, 2, 9, 8, generator=generator) for _ in range(2))
+    mask = torch.rand(9, 9, generator=generator) > 0.3 if masked else None
+    if mask is not None:
+        mask.fill_diagonal_(True)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), attn_mask=mask
+    )
+    actual = attention.attention(q, k, v, scale=8**-0.5, attn_mask=mask, implementation=implementation)
     assert rel_err(actual, expected) < TOL
 
 
@@ -56,45 +98,18 @@ def test_window_block_skips_padding_in_projections():
     window = block.window_size
     x = torch.randn(2, 2 * window + 3, window + 5, config.sam_config.hidden_size)
     assert block.attn.qkv.bias.abs().max() > 0
-    normed = block.norm1(x)
-    windows, padded = window_partition(normed, window)
-    attended = window_unpartition(block.attn(windows), window, padded, x.shape[1:3])
-    hidden = x + attended
-    expected = hidden + block.mlp(block.norm2(hidden))
-    with torch.inference_mode():
-        fast = block(x)
-    plain = block(x.clone().requires_grad_())
-    assert rel_err(fast, expected.detach()) < TOL
-    assert rel_err(plain.detach(), expected.detach()) < TOL
+    with torch.no_grad():
+        windows, padded = window_partition(block.norm1(x), window)
+        hidden = x + window_unpartition(block.attn(windows), window, padded, x.shape[1:3])
+        expected = hidden + block.mlp(block.norm2(hidden))
+        actual = block(x)
+    assert rel_err(actual, expected) < TOL
 
 
-def test_chunked_inference_mlp_equals_one_launch(monkeypatch):
+@pytest.mark.parametrize("kernel", ["mask", "folded"])
+def test_batched_views_equal_one_at_a_time(kernel):
     model = random_model()
-    mlp = model.sam.blocks[0].mlp
-    x = torch.randn(3, 10, 7, mlp.lin1.in_features)
-    expected = mlp(x.requires_grad_()).detach()
-    per_token = mlp.lin1.out_features * x.element_size()
-    monkeypatch.setattr(modeling_sam, "CPU_TEMPORARY_BYTES", 64 * per_token)  # 210 tokens: 4 chunks of 53 / 51
-    with torch.inference_mode():
-        actual = mlp(x)
-    assert actual.shape == expected.shape
-    assert rel_err(actual, expected) < TOL
-
-
-def test_folded_equals_eager_and_uses_a_fused_kernel():
-    q, k, v, rel_h, rel_w = _attention_inputs()
-    expected = _eager(q, k, v, rel_h, rel_w)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        actual = folded_rel_pos_attention(q, k, v, rel_h, rel_w, q.shape[-1] ** -0.5)
-    assert rel_err(actual, expected) < TOL
-    names = {event.name for event in profile.events()}
-    # q'/k' are wider than v; padding v keeps SDPA off the unfused math fallback
-    assert "aten::_scaled_dot_product_attention_math" not in names, sorted(n for n in names if "attention" in n)
-
-
-@pytest.mark.parametrize("rel_pos_attention", ["folded", "mask"])
-def test_batched_views_equal_one_at_a_time(rel_pos_attention):
-    model = random_model(tiny_config(sam_config={"rel_pos_attention": rel_pos_attention}))
+    model.set_attention_kernel(kernel)
     pixels = torch.randn(3, 3, 320, 256)
     with torch.inference_mode():
         batched = model.encode_views(pixels).image_embeds
@@ -115,9 +130,10 @@ def test_forward_with_tiles_equals_encode_views():
     assert rel_err(out.global_embeds, single_pages) < TOL
 
 
-@pytest.mark.parametrize("rel_pos_attention", ["folded", "mask"])
-def test_compile_has_no_graph_breaks_and_matches(rel_pos_attention):
-    model = random_model(tiny_config(sam_config={"rel_pos_attention": rel_pos_attention}))
+@pytest.mark.parametrize("kernel", ["mask", "folded"])
+def test_compile_has_no_graph_breaks_and_matches(kernel):
+    model = random_model()
+    model.set_attention_kernel(kernel)
     pixels = torch.randn(2, 3, 320, 256)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(model.encode_views)(pixels)
@@ -127,16 +143,6 @@ def test_compile_has_no_graph_breaks_and_matches(rel_pos_attention):
         expected = model.encode_views(pixels).image_embeds
         actual = compiled(pixels).image_embeds
     assert rel_err(actual, expected) < TOL
-
-
-def test_inference_mlp_equals_autograd_mlp():
-    """The in-place activation used without autograd against the plain one."""
-    model = random_model()
-    pixels = torch.randn(1, 3, 256, 256)
-    with torch.inference_mode():
-        fast = model.encode_views(pixels).image_embeds
-    plain = model.encode_views(pixels.requires_grad_()).image_embeds
-    assert rel_err(fast, plain.detach()) < TOL
 
 
 def test_bf16_weights_close_to_fp32():
@@ -150,34 +156,82 @@ def test_bf16_weights_close_to_fp32():
     assert rel_err(actual.float(), expected) < 2e-2
 
 
-def test_eager_attention_matches_sdpa_formula():
-    """The eager reference formula used above is SDPA's (guards the test helper itself)."""
-    q, k, v, rel_h, rel_w = _attention_inputs()
-    mask = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(-2)
-    assert rel_err(_eager(q, k, v, rel_h, rel_w), F.scaled_dot_product_attention(q, k, v, attn_mask=mask)) < TOL
+# ------------------------------------------------------------------------------------------------ invariants
+HOOKED = [
+    "sam.blocks.0.attn.qkv",
+    "sam.blocks.0.attn.proj",
+    "sam.blocks.0.mlp.lin1",
+    "sam.blocks.0.mlp.act",
+    "sam.blocks.0.mlp.lin2",
+    "sam.blocks.0.attn",
+    "sam.blocks.1.attn.qkv",
+    "sam.blocks.1.mlp",
+    "clip.transformer.layers.0",
+    "clip.transformer.layers.0.self_attn",
+    "clip.transformer.layers.1.mlp.fc1",
+]
 
 
-def test_inference_fast_path_keeps_module_hooks():
-    """With hooks on `attn`, `qkv` or `mlp` the fast path calls those modules (hooks fire) and leaves the outputs
-    a hook kept untouched (no in-place residual sums on them)."""
-    model = random_model()
-    block = next(b for b in model.sam.blocks if b.window_size > 0)
-    kept = {}
+def _run_with_hooks(model, pixels, context):
+    """Forward under `context`, recording each hooked module's output as the hook saw it (a clone) and the
+    tensor itself (to check nothing wrote into it afterwards)."""
+    seen = {}
 
-    def keep(name):
+    def record(name):
         def hook(module, args, output):
-            kept.setdefault(name, (output, output.clone()))  # the inference call's outputs
+            seen.setdefault(name, (output, output.detach().clone()))  # the first call of each module
 
         return hook
 
-    for name in ("attn", "mlp"):
-        getattr(block, name).register_forward_hook(keep(name))
-    block.attn.qkv.register_forward_hook(keep("qkv"))
-    x = torch.randn(1, 13, 11, block.norm1.normalized_shape[0])
-    with torch.inference_mode():
-        fast = block(x)
-    expected = block(x.clone().requires_grad_()).detach()
-    assert set(kept) == {"attn", "mlp", "qkv"}
-    for name, (output, snapshot) in kept.items():
-        assert torch.equal(output, snapshot), name
-    assert rel_err(fast, expected) < TOL
+    handles = [model.get_submodule(name).register_forward_hook(record(name)) for name in HOOKED]
+    try:
+        with context():
+            out = model.encode_views(pixels).image_embeds
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_hooks_see_the_same_values_with_and_without_autograd(context):
+    model = random_model()
+    pixels = torch.randn(1, 3, 320, 256)
+    reference, reference_seen = _run_with_hooks(model, pixels, torch.enable_grad)
+    out, seen = _run_with_hooks(model, pixels, context)
+    assert sorted(seen) == sorted(HOOKED), "a hooked module was not called"
+    for name in HOOKED:
+        output, at_hook_time = seen[name]
+        assert torch.equal(output, at_hook_time), f"{name}: its output was modified after the hook saw it"
+        assert rel_err(at_hook_time, reference_seen[name][1]) < 1e-6, name
+    assert rel_err(out, reference.detach()) < 1e-6
+
+
+@pytest.mark.parametrize("kernel", ["mask", "folded"])
+def test_bf16_autocast_is_the_same_with_and_without_grad(kernel):
+    model = random_model()
+    model.set_attention_kernel(kernel)
+    pixels = torch.randn(1, 3, 320, 256)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with_grad = model.encode_views(pixels).image_embeds
+        with torch.inference_mode():
+            without_grad = model.encode_views(pixels).image_embeds
+    assert with_grad.dtype == without_grad.dtype
+    assert rel_err(without_grad.float(), with_grad.detach().float()) < 1e-6
+    fp32 = model.encode_views(pixels).image_embeds.detach()
+    assert rel_err(with_grad.detach().float(), fp32) < 3e-2  # and it is a bf16 approximation of the fp32 result
+
+
+def test_kernel_choice_is_not_saved(tmp_path):
+    model = random_model()
+    model.set_attention_kernel("folded")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "rel_pos_attention" not in saved["sam_config"]
+    assert "folded" not in json.dumps(saved)
+    saved["sam_config"]["rel_pos_attention"] = "folded"  # a config written by an earlier version still loads
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = DeepEncoderModel.from_pretrained(tmp_path)
+    assert all(m.kernel is None for m in loaded.modules() if hasattr(m, "kernel"))
+    with pytest.raises(ValueError, match="unknown rel-pos kernel"):
+        loaded.set_attention_kernel("flash-but-not-registered")

@@ -4,20 +4,19 @@ segment-anything's `ImageEncoderViT`, the CLIP layers against transformers' `CLI
 from functools import partial
 
 import pytest
+import segment_anything
 import torch
 from helpers import random_model, randomize_, rel_err, tiny_config
+from segment_anything.modeling import ImageEncoderViT
 
 from deepencoder import DeepEncoderConfig, DeepEncoderModel
 from deepencoder.configuration_deepencoder import DeepEncoderClipConfig
 from deepencoder.modeling_clip import DeepEncoderClipModel
 
-segment_anything = pytest.importorskip("segment_anything")
 TOL = 1e-4
 
 
 def sam_reference(sam_config, img_size):
-    from segment_anything.modeling import ImageEncoderViT
-
     return ImageEncoderViT(
         img_size=img_size,
         patch_size=sam_config.patch_size,

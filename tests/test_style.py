@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip("ruff")
 
 
 @pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]])

@@ -5,17 +5,19 @@ import pytest
 import torch
 from helpers import random_model, rel_err, tiny_config, unlimited_ocr_reference
 
-from deepencoder import DeepEncoderConfig
+from deepencoder import DeepEncoderConfig, attention
 
 TOL = 1e-4
 
 
 @pytest.mark.parametrize("size", [(128, 128), (256, 256), (320, 320), (384, 384), (256, 192), (192, 320)])
-@pytest.mark.parametrize("rel_pos_attention", ["folded", "mask"])
-def test_tiny_tower_matches_unlimited_ocr(size, rel_pos_attention):
+@pytest.mark.parametrize("kernel", ["mask", "folded"])
+def test_tiny_tower_matches_unlimited_ocr(size, kernel):
     """Square sizes below, at and above the pretraining grid (pos-embed and rel-pos interpolation both ways) and
-    non-square grids (`native` mode): per-axis interpolation, windows with padding, global blocks."""
-    model = random_model(tiny_config(sam_config={"rel_pos_attention": rel_pos_attention}))
+    non-square grids (`native` mode): per-axis interpolation, windows with padding, global blocks; with each SDPA
+    rel-pos kernel."""
+    model = random_model()
+    model.set_attention_kernel(kernel)
     reference, projector = unlimited_ocr_reference(model)
     pixels = torch.randn(2, 3, *size)
     with torch.no_grad():
@@ -27,26 +29,37 @@ def test_tiny_tower_matches_unlimited_ocr(size, rel_pos_attention):
     assert rel_err(ours.image_embeds, theirs_projected) < TOL
 
 
-def test_eager_equals_sdpa_paths(monkeypatch):
+@pytest.mark.parametrize("implementation,kernel", [("eager", None), ("sdpa", "mask"), ("sdpa", "folded")])
+def test_each_attention_path_runs_its_kernel_and_matches_unlimited_ocr(monkeypatch, implementation, kernel):
+    """The eager reference path never calls SDPA; each SDPA kernel is the one that runs; all three against
+    transformers' port."""
     pixels = torch.randn(1, 3, 320, 256)
-    outs = {}
-    calls = []
+    model = random_model(tiny_config(attn_implementation=implementation))
+    model.set_attention_kernel(kernel)
+    reference, projector = unlimited_ocr_reference(model)
+    with torch.no_grad():
+        theirs = projector(reference(pixels).last_hidden_state)
+    calls = {"sdpa": 0, **{name: 0 for name in attention.REL_POS_KERNELS}}
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(
-        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
-    )
-    for implementation in ("eager", "sdpa"):
-        for mode in ("folded", "mask"):
-            config = tiny_config(sam_config={"rel_pos_attention": mode}, attn_implementation=implementation)
-            model = random_model(config)
-            calls.clear()
-            with torch.no_grad():
-                outs[implementation, mode] = model.encode_views(pixels).image_embeds
-            # 4 SAM blocks + 2 CLIP layers go through SDPA unless eager was asked for
-            assert len(calls) == (0 if implementation == "eager" else 6), (implementation, len(calls))
-    reference = outs["eager", "folded"]
-    for key, value in outs.items():
-        assert rel_err(value, reference) < 1e-5, key
+
+    def count_sdpa(*args, **kwargs):
+        calls["sdpa"] += 1
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", count_sdpa)
+    for name, function in list(attention.REL_POS_KERNELS.items()):
+        counted = lambda *a, _f=function, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k)  # noqa: E731
+        monkeypatch.setitem(attention.REL_POS_KERNELS, name, counted)
+    with torch.no_grad():
+        ours = model.encode_views(pixels).image_embeds
+    # 4 SAM blocks (all with rel-pos) + 2 CLIP layers
+    assert calls[kernel or "eager"] == 4, calls
+    assert sum(calls[name] for name in attention.REL_POS_KERNELS) == 4, calls
+    if implementation == "eager":
+        assert calls["sdpa"] == 0, calls
+    else:
+        assert calls["sdpa"] >= 6, calls
+    assert rel_err(ours, theirs) < TOL
 
 
 @pytest.mark.slow
