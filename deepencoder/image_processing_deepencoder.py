@@ -253,12 +253,30 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         return (array - mean) / std
 
     def preprocess(
-        self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt", **kwargs: Any
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        return_tensors: str | None = "pt",
+        mode: str | None = None,
+        **kwargs: Any,
     ) -> BatchFeature:
         """Pages -> BatchFeature with
         `pixel_values`: (B, 3, S, S) tensor, or a list of (3, H, W) when `native` pages differ in size;
         `pixel_values_tiles`: (T, 3, t, t) all tiles of all pages in page order (present when any page is tiled);
-        `tile_grids`: list of (cols, rows) per page; `num_image_tokens`: list of ints."""
+        `tile_grids`: list of (cols, rows) per page; `num_image_tokens`: list of ints.
+
+        mode: this call's resolution mode instead of the processor's (`processor(page, mode="tiny")`). Any other
+        keyword is an error: a misspelt or unsupported option never passes silently."""
+        if kwargs:
+            raise TypeError(
+                f"unexpected keyword arguments {sorted(kwargs)}; {type(self).__name__} takes images, "
+                "return_tensors and mode (other settings belong to the constructor)"
+            )
+        if mode is not None and mode != self.mode:
+            if mode not in RESOLUTION_MODES:
+                raise ValueError(f"unknown mode {mode!r}; choose one of {list(RESOLUTION_MODES)}")
+            settings = {**self.to_dict(), "mode": mode}
+            settings.pop("image_processor_type", None)
+            return type(self)(**settings).preprocess(images, return_tensors=return_tensors)
         if return_tensors not in (None, "pt"):
             raise ValueError("only return_tensors='pt' is supported")
         if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):

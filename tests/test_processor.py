@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import random_model
 from PIL import Image, ImageOps
+from transformers.models.unlimited_ocr.image_processing_unlimited_ocr import get_optimal_tiled_canvas
 
 from deepencoder import DeepEncoderImageProcessor
 from deepencoder.image_processing_deepencoder import choose_tile_grid
@@ -26,13 +27,14 @@ def page(width, height, seed=0):
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
-def expected_tokens(mode, width, height, grid):
-    """The issue's closed form, written independently of the library."""
+def expected_tokens(mode, width, height):
+    """The closed form written independently of the library, with the tile grid from transformers' own port of
+    DeepSeek-OCR's tiling (`get_optimal_tiled_canvas`, 2..9 tiles)."""
     base, tile = MODES[mode]
     q = math.ceil(base / 64)
     total = q * (q + 1) + 1
     if tile and (width > tile or height > tile):
-        cols, rows = grid
+        cols, rows = get_optimal_tiled_canvas((height, width), (tile, tile), 2, 9)
         qt = math.ceil(tile / 64)
         total += (qt * rows) * (qt * cols + 1)
     return total
@@ -53,8 +55,7 @@ def test_token_counts_sweep(mode):
         (500, 4000),
         (20000, 1),
     ]:
-        plan = processor.plan(width, height)
-        assert processor.num_image_tokens(width, height) == expected_tokens(mode, width, height, plan.tile_grid)
+        assert processor.num_image_tokens(width, height) == expected_tokens(mode, width, height), (width, height)
     assert (
         DeepEncoderImageProcessor(mode=mode).num_image_tokens(100, 100)
         == {"tiny": 73, "small": 111, "base": 273, "large": 421, "gundam": 273, "gundam-m": 421}[mode]
@@ -199,3 +200,19 @@ def test_processor_round_trip(tmp_path):
         assert type(other) is DeepEncoderImageProcessor
         assert (other.mode, other.max_crops) == ("gundam-m", 6)
         assert other.num_image_tokens(3000, 1000) == processor.num_image_tokens(3000, 1000)
+
+
+def test_unknown_keywords_raise_and_mode_can_be_set_per_call():
+    processor = DeepEncoderImageProcessor(mode="gundam")
+    with pytest.raises(TypeError, match="modee"):
+        processor(page(700, 500), modee="tiny")
+    with pytest.raises(ValueError, match="unknown mode"):
+        processor(page(700, 500), mode="huge")
+    image = page(1500, 900)
+    tiny = processor(image, mode="tiny")
+    assert processor.mode == "gundam"  # the override is for that call only
+    assert tiny["pixel_values"].shape == (1, 3, 512, 512) and "pixel_values_tiles" not in tiny
+    assert tiny["num_image_tokens"] == [73]
+    expected = np.asarray(image.resize((512, 512), Image.Resampling.BICUBIC), dtype=np.float32) / 255 * 2 - 1
+    assert torch.allclose(tiny["pixel_values"][0].permute(1, 2, 0), torch.from_numpy(expected), atol=1e-6)
+    assert processor(image)["pixel_values_tiles"].shape[0] > 1
