@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from deepencoder import DeepEncoderConfig, DeepEncoderModel
+from deepencoder.conversion.unlimited_ocr import to_unlimited_ocr_vision, unlimited_ocr_vision_config
 
 TINY_SAM = dict(
     hidden_size=64,
@@ -54,63 +55,18 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-12)).item()
 
 
-# ---------------------------------------------------------------- key maps onto references (test-only)
-def to_unlimited_ocr(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our tower's state dict -> transformers' UnlimitedOcrVisionModel (without the projector)."""
-    out = {}
-    neck = {"0": "conv1", "1": "layer_norm1", "2": "conv2", "3": "layer_norm2"}
-    for key, value in state_dict.items():
-        if key.startswith("sam."):
-            k = key[4:]
-            k = k.replace("patch_embed.proj.", "patch_embed.projection.")
-            k = k.replace("blocks.", "layers.").replace(".norm1.", ".layer_norm1.").replace(".norm2.", ".layer_norm2.")
-            if k.startswith("neck."):
-                index, rest = k[5:].split(".", 1)
-                k = f"neck.{neck[index]}.{rest}"
-            k = k.replace("net_2.", "proj.conv1.").replace("net_3.", "proj.conv2.")
-            out["sam_encoder." + k] = value
-        elif key.startswith("clip."):
-            k = key[5:].replace("transformer.layers.", "encoder.layers.")
-            if ".qkv_proj." in k:
-                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                    out["vision_encoder." + k.replace("qkv_proj", name)] = part
-            else:
-                out["vision_encoder." + k] = value
-    return out
+# ---------------------------------------------------------------- key maps onto references
+# transformers' port of the tower: key names and config from the library's one mapping (conversion/unlimited_ocr.py),
+# which tests/test_conversion_sources.py checks against transformers' own classes and a save_pretrained checkpoint
+to_unlimited_ocr = to_unlimited_ocr_vision  # our names -> UnlimitedOcrVisionModel's (without the projector)
 
 
 def unlimited_ocr_reference(model: DeepEncoderModel):
     """transformers' own port of the trunk with our weights, plus our projector weights in a plain Linear."""
-    from transformers.models.unlimited_ocr.configuration_unlimited_ocr import UnlimitedOcrVisionConfig
     from transformers.models.unlimited_ocr.modeling_unlimited_ocr import UnlimitedOcrVisionModel
 
-    sam, clip = model.config.sam_config, model.config.clip_config
-    config = UnlimitedOcrVisionConfig(
-        sam_config=dict(
-            hidden_size=sam.hidden_size,
-            output_channels=sam.out_channels,
-            num_hidden_layers=sam.num_hidden_layers,
-            num_attention_heads=sam.num_attention_heads,
-            image_size=sam.image_size,
-            patch_size=sam.patch_size,
-            window_size=sam.window_size,
-            global_attn_indexes=list(sam.global_attn_indexes),
-            mlp_dim=sam.mlp_dim,
-            downsample_channels=list(sam.compressor_channels),
-            layer_norm_eps=sam.layer_norm_eps,
-        ),
-        encoder_config=dict(
-            hidden_size=clip.hidden_size,
-            intermediate_size=clip.intermediate_size,
-            num_hidden_layers=clip.num_hidden_layers,
-            num_attention_heads=clip.num_attention_heads,
-            image_size=clip.image_size,
-            patch_size=clip.patch_size,
-            layer_norm_eps=clip.layer_norm_eps,
-        ),
-    )
-    reference = UnlimitedOcrVisionModel(config).eval()
-    missing, unexpected = reference.load_state_dict(to_unlimited_ocr(model.state_dict()), strict=False)
+    reference = UnlimitedOcrVisionModel(unlimited_ocr_vision_config(model.config)).eval()
+    missing, unexpected = reference.load_state_dict(to_unlimited_ocr_vision(model.state_dict()), strict=False)
     assert not unexpected, unexpected
     assert set(missing) <= {"vision_encoder.embeddings.patch_embedding.weight"}, missing
     projector = torch.nn.Linear(model.projector.in_features, model.projector.out_features)

@@ -10,9 +10,14 @@ import os
 
 import pytest
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from helpers import random_model, to_deepseek_ocr
-from test_conversion_sources import hf_clip_vision, open_clip_model, save_safetensors, segment_anything_sam
+from test_conversion_sources import (
+    CountingFileSystem,
+    hf_clip_vision,
+    open_clip_model,
+    save_safetensors,
+    segment_anything_sam,
+)
 
 from deepencoder import DeepEncoderModel
 from deepencoder.cli import main
@@ -109,34 +114,6 @@ def test_detect_format():
     assert detect_format(to_deepseek_ocr(model.state_dict())) == "deepseek-ocr"
     with pytest.raises(CheckpointError, match="unrecognised checkpoint layout"):
         detect_format(["encoder.weight", "decoder.weight"])
-
-
-class CountingFileSystem(LocalFileSystem):
-    """Local files served through the fsspec interface the hub path uses (`HfFileSystem`), recording every read
-    (offset, length) so a test can check that only the selected tensors' bytes were fetched."""
-
-    cachable = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reads: list[tuple[str, int, int]] = []
-
-    def _open(self, path, mode="rb", **kwargs):
-        handle = super()._open(path, mode, **kwargs)
-        reads, read = self.reads, handle.read
-
-        def counted_read(size=-1):
-            offset = handle.tell()
-            data = read(size)
-            reads.append((str(path), offset, len(data)))
-            return data
-
-        handle.read = counted_read
-        return handle
-
-    @property
-    def bytes_read(self) -> int:
-        return sum(length for _, _, length in self.reads)
 
 
 def test_range_reads_fetch_only_vision_tensors(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from helpers import randomize_
 
 TINY_CLIP_WIDTH = 64
@@ -107,6 +108,79 @@ def hf_clip_trunk(vision_model, embeddings: torch.Tensor) -> torch.Tensor:
     return vision_model.encoder(inputs_embeds=vision_model.pre_layrnorm(embeddings)).last_hidden_state
 
 
+class CountingFileSystem(LocalFileSystem):
+    """Local files served through the fsspec interface the hub path uses (`HfFileSystem`), recording every read
+    (offset, length) so a test can check that only the selected tensors' bytes were fetched."""
+
+    cachable = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads: list[tuple[str, int, int]] = []
+
+    def _open(self, path, mode="rb", **kwargs):
+        handle = super()._open(path, mode, **kwargs)
+        reads, read = self.reads, handle.read
+
+        def counted_read(size=-1):
+            offset = handle.tell()
+            data = read(size)
+            reads.append((str(path), offset, len(data)))
+            return data
+
+        handle.read = counted_read
+        return handle
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(length for _, _, length in self.reads)
+
+
+def unlimited_ocr_model(seed=12, vocab_size=20000):
+    """transformers' `UnlimitedOcrForConditionalGeneration` with the tiny tower of helpers.TINY_SAM / TINY_CLIP (CLIP
+    with 4 heads of 16 and exact GELU, which tensor shapes cannot tell) and a one-layer language model whose large
+    vocabulary makes most of the file, randomised."""
+    from transformers.models.unlimited_ocr.configuration_unlimited_ocr import UnlimitedOcrConfig
+    from transformers.models.unlimited_ocr.modeling_unlimited_ocr import UnlimitedOcrForConditionalGeneration
+
+    config = UnlimitedOcrConfig(
+        vision_config=dict(
+            sam_config=dict(
+                hidden_size=64,
+                output_channels=32,
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                image_size=256,
+                window_size=6,
+                global_attn_indexes=[1, 3],
+                mlp_dim=256,
+                downsample_channels=[48, 64],
+            ),
+            encoder_config=dict(
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=56,
+                hidden_act="gelu",
+            ),
+        ),
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=80,
+            intermediate_size=96,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            n_routed_experts=2,
+            num_experts_per_tok=1,
+            moe_intermediate_size=16,
+            n_shared_experts=1,
+        ),
+    )
+    return randomize_(UnlimitedOcrForConditionalGeneration(config), seed=seed).eval()
+
+
 # ---------------------------------------------------------------------------------------------------- tests
 import json  # noqa: E402
 
@@ -117,7 +191,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from deepencoder import DeepEncoderModel  # noqa: E402
 from deepencoder.cli import main  # noqa: E402
 from deepencoder.conversion.load import load_clip, load_segment_anything  # noqa: E402
-from deepencoder.conversion.sources import assemble_model, convert_state_dict  # noqa: E402
+from deepencoder.conversion.sources import assemble_model, convert_state_dict, read_converted  # noqa: E402
 
 TOL = 1e-4
 SMALL_CLIP = dict(TINY_CLIP, num_attention_heads=4)  # for a SAM-only conversion: keeps the untouched stage cheap
@@ -366,3 +440,82 @@ def test_compose_from_own_directory_and_transformers_clip(tmp_path):
             assert torch.equal(tensor, ours[key]), key
     report = json.loads((out / "conversion_report.json").read_text())
     assert set(report["initialised"]) == {"projector.weight", "projector.bias", "image_newline", "view_separator"}
+
+
+@pytest.mark.parametrize("original_names", [True, False], ids=["default-save", "transformers-names"])
+def test_transformers_unlimited_ocr_checkpoint(tmp_path, original_names):
+    """A transformers `UnlimitedOcrForConditionalGeneration.save_pretrained` directory (by default in DeepSeek-OCR's
+    names; with `save_original_format=False` in transformers' own) converts reading only the vision tensors, its
+    config.json supplying what shapes cannot (CLIP heads, activation); the converted tower equals transformers'
+    vision path + projector, and its page layout (newline per row, view separator) equals transformers'."""
+    reference = unlimited_ocr_model()
+    source = tmp_path / "unlimited-ocr"
+    reference.save_pretrained(source, save_original_format=original_names)
+    filesystem = CountingFileSystem()
+    part = read_converted(str(source), filesystem=filesystem)
+    assert part.format.name == ("deepseek-ocr" if original_names else "hf-unlimited-ocr")
+    size = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    assert 0 < filesystem.bytes_read < 0.2 * size, (filesystem.bytes_read, size)  # the language model is not read
+
+    out = tmp_path / "converted"
+    assert main(["convert", "unlimited-ocr", str(source), str(out), "--dtype", "float32"]) == 0
+    model = DeepEncoderModel.from_pretrained(out).eval()
+    clip = model.config.clip_config
+    assert (clip.num_attention_heads, clip.hidden_act, model.config.projector_dim) == (4, "gelu", 80)
+    direct = DeepEncoderModel.from_deepseek_ocr(str(source))  # what `deepencoder encode --weights` loads
+    assert all(torch.equal(direct.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    views, tiles, grids = torch.randn(2, 3, 256, 256), torch.randn(3, 3, 128, 128), [(3, 1), (1, 1)]
+    with torch.no_grad():
+        expected = reference.model.multi_modal_projector(reference.model.vision_tower(views).last_hidden_state)
+        assert rel_err(model.encode_views(views).image_embeds, expected) <= 1e-5
+        ours = model(pixel_values=views, pixel_values_tiles=tiles, tile_grids=grids).image_embeds
+        theirs = reference.model.get_image_features(
+            views, pixel_values_local=tiles, num_local_patches=[3, 0], patches_grid=grids
+        ).pooler_output
+    for page, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert a.shape == b.shape, page
+        assert rel_err(a, b) <= 1e-5, page
+
+
+def test_unlimited_ocr_names_and_configs_round_trip():
+    """Ours -> transformers' names -> ours is exact; transformers' `UnlimitedOcrModel` built from our config takes
+    the mapped tensors with no key left over on either side (its language model aside); configs map both ways."""
+    from transformers.models.unlimited_ocr.modeling_unlimited_ocr import UnlimitedOcrModel
+
+    from deepencoder.conversion.unlimited_ocr import (
+        deepencoder_config_from_unlimited_ocr,
+        from_unlimited_ocr,
+        to_unlimited_ocr,
+        unlimited_ocr_config,
+    )
+
+    model = random_model(seed=13)
+    state = model.state_dict()
+    theirs = to_unlimited_ocr(state)
+    back = from_unlimited_ocr(theirs)
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[key], value) for key, value in state.items())
+
+    text = dict(
+        vocab_size=32,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        n_routed_experts=2,
+        num_experts_per_tok=1,
+        moe_intermediate_size=8,
+        n_shared_experts=1,
+    )
+    config = unlimited_ocr_config(model.config, text)
+    transformers_model = UnlimitedOcrModel(config)
+    missing, unexpected = transformers_model.load_state_dict(theirs, strict=False)
+    assert not unexpected and all(key.startswith("language_model.") for key in missing), (missing, unexpected)
+    ours_again = deepencoder_config_from_unlimited_ocr(config).to_dict()
+    expected = model.config.to_dict()
+    for stage in ("sam_config", "clip_config"):
+        for key, value in ours_again[stage].items():
+            if key in TINY_SAM or key in TINY_CLIP or key in ("hidden_act", "layer_norm_eps", "mlp_ratio"):
+                assert value == expected[stage][key], (stage, key)
+    assert ours_again["projector_dim"] == model.config.projector_dim
