@@ -3,8 +3,10 @@
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from .configuration_deepencoder import DeepEncoderClipConfig, DeepEncoderConfig, DeepEncoderSamConfig
+from .configuration_deepencoder_v2 import DeepEncoderV2Config, DeepEncoderV2EncoderConfig
 from .image_processing_deepencoder import RESOLUTION_MODES, DeepEncoderImageProcessor, ResolutionMode
 from .modeling_deepencoder import DeepEncoderModel, DeepEncoderOutput, DeepEncoderPreTrainedModel
+from .modeling_deepencoder_v2 import DeepEncoderV2Model, DeepEncoderV2Output, DeepEncoderV2PreTrainedModel
 
 __version__ = "0.1.0"
 
@@ -12,6 +14,11 @@ AutoConfig.register(DeepEncoderConfig.model_type, DeepEncoderConfig, exist_ok=Tr
 AutoModel.register(DeepEncoderConfig, DeepEncoderModel, exist_ok=True)
 AutoImageProcessor.register(
     DeepEncoderConfig, image_processor_classes={"pil": DeepEncoderImageProcessor}, exist_ok=True
+)
+AutoConfig.register(DeepEncoderV2Config.model_type, DeepEncoderV2Config, exist_ok=True)
+AutoModel.register(DeepEncoderV2Config, DeepEncoderV2Model, exist_ok=True)
+AutoImageProcessor.register(
+    DeepEncoderV2Config, image_processor_classes={"pil": DeepEncoderImageProcessor}, exist_ok=True
 )
 
 __all__ = [
@@ -23,5 +30,10 @@ __all__ = [
     "DeepEncoderOutput",
     "DeepEncoderPreTrainedModel",
     "DeepEncoderSamConfig",
+    "DeepEncoderV2Config",
+    "DeepEncoderV2EncoderConfig",
+    "DeepEncoderV2Model",
+    "DeepEncoderV2Output",
+    "DeepEncoderV2PreTrainedModel",
     "ResolutionMode",
 ]

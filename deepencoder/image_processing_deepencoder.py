@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .layout import count_tokens
+from .layout import count_query_tokens, count_tokens
 
 
 @dataclass(frozen=True)
@@ -26,13 +26,17 @@ class ResolutionMode:
 
     base_size: side of the global view (`native`: its long side). global_view: `resize` (stretch to a square),
     `pad` (aspect-preserving `ImageOps.pad` to a square) or `native` (aspect kept, sides multiples of the token
-    size, no padding). tile_size: side of the local tiles, or None for no tiling.
+    size, no padding). tile_size: side of the local tiles, or None for no tiling. max_crops: most tiles of a tiled
+    page (candidate grids hold 2..max_crops tiles). layout: `grid` (DeepEncoder v1: token rows + newlines) or
+    `queries` (DeepEncoder V2: each view gives (side / 64)**2 query tokens, no newlines).
     """
 
     name: str
     base_size: int
     global_view: Literal["resize", "pad", "native"]
     tile_size: int | None = None
+    max_crops: int = 9
+    layout: Literal["grid", "queries"] = "grid"
 
 
 RESOLUTION_MODES: dict[str, ResolutionMode] = {
@@ -45,6 +49,9 @@ RESOLUTION_MODES: dict[str, ResolutionMode] = {
         ResolutionMode("gundam", 1024, "pad", 640),
         ResolutionMode("gundam-m", 1280, "pad", 1024),
         ResolutionMode("native", 1024, "native"),
+        # DeepEncoder V2 (DeepSeek-OCR-2): 768 px tiles when a side exceeds 768, 2..6 of them
+        ResolutionMode("ocr2", 1024, "pad", 768, max_crops=6, layout="queries"),
+        ResolutionMode("ocr2-base", 1024, "pad", layout="queries"),
     )
 }
 
@@ -156,10 +163,12 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
     `tile_grids` (one (cols, rows) per page, Python ints).
 
     Args:
-        mode: one of `RESOLUTION_MODES` (tiny | small | base | large | gundam | gundam-m | native).
+        mode: one of `RESOLUTION_MODES` (tiny | small | base | large | gundam | gundam-m | native for DeepEncoder
+            v1; ocr2 | ocr2-base for DeepEncoder V2).
         base_size: override the mode's global-view size (`native`: its long side).
         tile_size: override the mode's tile size.
-        min_crops, max_crops: bounds on the number of tiles of a tiled page.
+        min_crops, max_crops: bounds on the number of tiles of a tiled page (max_crops: the mode's when None, 9;
+            6 in `ocr2`).
         downsample: pixels per output token side (patch 16 x two stride-2 convs = 64).
         image_mean, image_std: normalisation (0.5, 0.5); the padding colour is `int(mean * 255)`.
     """
@@ -172,7 +181,7 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         base_size: int | None = None,
         tile_size: int | None = None,
         min_crops: int = 2,
-        max_crops: int = 9,
+        max_crops: int | None = None,
         downsample: int = 64,
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
@@ -181,7 +190,7 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         super().__init__(**kwargs)
         if mode not in RESOLUTION_MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {list(RESOLUTION_MODES)}")
-        if not 1 <= min_crops <= max_crops:
+        if not 1 <= min_crops <= (RESOLUTION_MODES[mode].max_crops if max_crops is None else max_crops):
             raise ValueError(f"need 1 <= min_crops <= max_crops, got {min_crops}, {max_crops}")
         self.mode = mode
         self.base_size = base_size
@@ -201,7 +210,8 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         for label, size in (("base_size", base), ("tile_size", tile)):
             if size is not None and size % self.downsample:
                 raise ValueError(f"{label} {size} must be a multiple of {self.downsample}")
-        return ResolutionMode(mode.name, base, mode.global_view, tile)
+        max_crops = mode.max_crops if self.max_crops is None else self.max_crops
+        return replace(mode, base_size=base, tile_size=tile, max_crops=max_crops)
 
     def plan(self, width: int, height: int) -> PagePlan:
         """Global-view size, tile grid and token count for a page of width x height pixels."""
@@ -215,9 +225,14 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         tile_grid, tile = (1, 1), 0
         if mode.tile_size is not None and (width > mode.tile_size or height > mode.tile_size):
             tile = mode.tile_size
-            tile_grid = choose_tile_grid(width, height, tile, self.min_crops, self.max_crops)
+            tile_grid = choose_tile_grid(width, height, tile, self.min_crops, mode.max_crops)
         grid = (global_size[1] // self.downsample, global_size[0] // self.downsample)
-        tokens = count_tokens(grid, tile_grid, math.ceil(tile / self.downsample) if tile else 0)
+        tile_side = math.ceil(tile / self.downsample) if tile else 0
+        if mode.layout == "queries":
+            tiles = tile_grid[0] * tile_grid[1] if tile else 0
+            tokens = count_query_tokens(grid[0] * grid[1], tiles, tile_side * tile_side)
+        else:
+            tokens = count_tokens(grid, tile_grid, tile_side)
         return PagePlan(global_size, tile_grid, tile, tokens)
 
     def num_image_tokens(self, width: int, height: int) -> int:

@@ -55,3 +55,24 @@ def count_tokens(global_grid: tuple[int, int], tile_grid: tuple[int, int] = (1, 
     if tile_side and cols * rows > 1:
         total += (tile_side * rows) * (tile_side * cols + 1)
     return total
+
+
+def layout_query_page(
+    global_tokens: torch.Tensor, separator: torch.Tensor, tile_tokens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One page's token sequence in DeepEncoder V2's layout (query tokens are a sequence, not a grid: no newlines).
+
+    global_tokens: (n, D); tile_tokens: (tiles, n_t, D) in row-major tile order, or None. Returns
+    [every tile's tokens, tile by tile] + [global tokens] + [separator]: (tiles * n_t + n + 1, D).
+    """
+    parts = []
+    if tile_tokens is not None and tile_tokens.shape[0] > 0:
+        parts.append(tile_tokens.reshape(-1, tile_tokens.shape[-1]))
+    parts.append(global_tokens)
+    parts.append(separator.to(global_tokens.dtype)[None])
+    return torch.cat(parts, dim=0)
+
+
+def count_query_tokens(global_queries: int, num_tiles: int = 0, tile_queries: int = 0) -> int:
+    """Length of `layout_query_page`'s output: global_queries + num_tiles * tile_queries + 1 (the separator)."""
+    return global_queries + num_tiles * tile_queries + 1
