@@ -86,9 +86,7 @@ def open_checkpoint(path_or_repo_id: str, revision: str | None = None, filesyste
             "if it is a local path, check that it exists; without network access, download the checkpoint "
             "elsewhere and pass its local file or directory (e.g. --weights /path/to/DeepSeek-OCR)"
         ) from error
-    if not files and local:
-        files = []  # may hold pickled weights; read_tensors falls back to the safe pickle loader
-    elif not files:
+    if not files and not local:  # a local folder may hold pickled weights: read_tensors loads them safely
         raise CheckpointError(f"{name}: no *.safetensors files found")
     return CheckpointSource(name, filesystem, files, local, root)
 
