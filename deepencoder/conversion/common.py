@@ -201,7 +201,8 @@ CLIP_KEYS = (
 TOP_KEYS = ("projector_dim", "projector_bias")
 
 
-def _count_layers(state_dict: StateDict, pattern: str) -> int:
+def count_layers(state_dict: StateDict, pattern: str) -> int:
+    """1 + the largest index captured by `pattern`'s first group over the keys (0 when none match)."""
     indices = {int(m.group(1)) for key in state_dict if (m := re.match(pattern, key))}
     return max(indices) + 1 if indices else 0
 
@@ -220,7 +221,7 @@ def sam_config_from_state_dict(
     shapes; `stated` (a config file's values) for what shapes leave open; `overrides` win."""
     proj = state_dict[f"{prefix}patch_embed.proj.weight"]  # (C, 3, p, p)
     hidden, channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    depth = _count_layers(state_dict, rf"{re.escape(prefix)}blocks\.(\d+)\.")
+    depth = count_layers(state_dict, rf"{re.escape(prefix)}blocks\.(\d+)\.")
     values: dict[str, Any] = {
         "hidden_size": hidden,
         "num_hidden_layers": depth,
@@ -265,7 +266,7 @@ def clip_config_from_state_dict(
     """The CLIP stage (width, depth, MLP width, position table) from tensor shapes; `stated` for what shapes leave
     open. Heads cannot be read from a fused qkv: unless stated or given, 64-wide heads are assumed (CLIP-L: 16)."""
     hidden = state_dict[f"{prefix}embeddings.class_embedding"].shape[0]
-    depth = _count_layers(state_dict, rf"{re.escape(prefix)}transformer\.layers\.(\d+)\.")
+    depth = count_layers(state_dict, rf"{re.escape(prefix)}transformer\.layers\.(\d+)\.")
     values: dict[str, Any] = {"hidden_size": hidden, "num_hidden_layers": depth}
     fc1 = state_dict.get(f"{prefix}transformer.layers.0.mlp.fc1.weight")
     if fc1 is not None:
