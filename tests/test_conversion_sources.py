@@ -191,7 +191,12 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from deepencoder import DeepEncoderModel  # noqa: E402
 from deepencoder.cli import main  # noqa: E402
 from deepencoder.conversion.load import load_clip, load_segment_anything  # noqa: E402
-from deepencoder.conversion.sources import assemble_model, convert_state_dict, read_converted  # noqa: E402
+from deepencoder.conversion.sources import (  # noqa: E402
+    assemble_model,
+    build_model,
+    convert_state_dict,
+    read_converted,
+)
 
 TOL = 1e-4
 SMALL_CLIP = dict(TINY_CLIP, num_attention_heads=4)  # for a SAM-only conversion: keeps the untouched stage cheap
@@ -464,6 +469,9 @@ def test_transformers_unlimited_ocr_checkpoint(tmp_path, original_names):
     assert (clip.num_attention_heads, clip.hidden_act, model.config.projector_dim) == (4, "gelu", 80)
     direct = DeepEncoderModel.from_deepseek_ocr(str(source))  # what `deepencoder encode --weights` loads
     assert all(torch.equal(direct.state_dict()[k], v) for k, v in model.state_dict().items())
+    in_memory, _ = build_model(convert_state_dict(reference.state_dict(), config_json=reference.config.to_dict()))
+    assert in_memory.config.to_dict() == direct.config.to_dict()
+    assert all(torch.equal(in_memory.state_dict()[k], v) for k, v in model.state_dict().items())
 
     views, tiles, grids = torch.randn(2, 3, 256, 256), torch.randn(3, 3, 128, 128), [(3, 1), (1, 1)]
     with torch.no_grad():

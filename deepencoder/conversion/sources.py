@@ -55,9 +55,13 @@ def _convert(
 
 
 def convert_state_dict(
-    state_dict: Mapping[str, torch.Tensor], source_format: str | CheckpointFormat | None = None, source: str = ""
+    state_dict: Mapping[str, torch.Tensor],
+    source_format: str | CheckpointFormat | None = None,
+    source: str = "",
+    config_json: Mapping[str, Any] | None = None,
 ) -> ConvertedCheckpoint:
-    """Pure: a state dict in any registered layout (detected when not given) -> its family's names + report."""
+    """Pure: a state dict in any registered layout (detected when not given) -> its family's names + report.
+    config_json: what would be the checkpoint's config.json (e.g. a transformers model's `config.to_dict()`)."""
     state_dict = strip_wrapper_prefix(state_dict)
     record = get_format(source_format or detect_format(state_dict))
     canonical = record.canonical(list(state_dict))
@@ -69,7 +73,7 @@ def convert_state_dict(
             needed[name] = tensor
         elif (reason := record.drop_reason(name)) is not None:
             report.dropped[key] = reason
-    return _convert(record, needed, report, {})
+    return _convert(record, needed, report, record.config_from_json(config_json) if config_json else {})
 
 
 def read_converted(
