@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from helpers import random_model
-from pipeline_support import PROCESSOR_KW, direct_outputs, make_documents, make_pdf, processor
+from pipeline_support import direct_outputs, make_documents, make_pdf, processor
 from safetensors.torch import load_file
 
 from deepencoder.pipeline import (
@@ -104,10 +104,6 @@ def test_discovery(tmp_path):
     assert parse_page_ranges("0-2,5,9-") == [(0, 2), (5, 5), (9, None)]
     with pytest.raises(ValueError, match="page range"):
         parse_page_ranges("one")
-
-
-def test_processor_kwargs_match_tiny_views():
-    assert processor().resolution.base_size == PROCESSOR_KW["base_size"]
 
 
 def test_hf_datasets_loader(tmp_path, model):
