@@ -1,5 +1,5 @@
-"""`deepencoder convert {deepseek-ocr,unlimited-ocr,segment-anything,clip,compose} ...`: checkpoints ->
-`save_pretrained` directories (config.json, model.safetensors, preprocessor config, conversion_report.json,
+"""`deepencoder convert {deepseek-ocr,unlimited-ocr,segment-anything,clip,compose,deepseek-ocr2,compose-v2} ...`:
+checkpoints -> `save_pretrained` directories (config.json, model.safetensors, preprocessor config, conversion_report.json,
 README.md)."""
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..dtypes import DTYPE_NAMES, parse_dtype
+from ..image_processing_deepencoder import DeepEncoderImageProcessor
+from .deepseek_ocr2 import DEEPENCODER_V2
 from .io import CheckpointError
-from .load import load_clip, load_composed, load_segment_anything, load_tower
+from .load import load_clip, load_composed, load_composed_v2, load_segment_anything, load_tower
 from .save import save_converted
 
 
@@ -63,6 +65,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_clip_options(compose)
     compose.set_defaults(func=run_compose)
 
+    deepseek2 = sources.add_parser(
+        "deepseek-ocr2", help="the released DeepSeek-OCR-2 checkpoint (vision tensors only) -> DeepEncoder V2"
+    )
+    deepseek2.add_argument("src", help="local directory / .safetensors file, or hub id (deepseek-ai/DeepSeek-OCR-2)")
+    deepseek2.add_argument("dst", help="output directory")
+    add_common_options(deepseek2)
+    deepseek2.set_defaults(func=run_deepseek_ocr2)
+
+    compose2 = sources.add_parser(
+        "compose-v2",
+        help="DeepEncoder V2's initialisation: SAM stage from one checkpoint, encoder layers from a Qwen2 decoder; "
+        "compressor, queries and projector initialised",
+    )
+    compose2.add_argument("--sam", required=True, help="segment-anything .pth, transformers SAM, ...")
+    compose2.add_argument("--qwen2", required=True, help="a Qwen2 causal LM directory or hub id (Qwen/Qwen2-0.5B)")
+    compose2.add_argument("dst", help="output directory")
+    add_common_options(compose2)
+    compose2.set_defaults(func=run_compose_v2)
+
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="output dtype (default: the source's)")
@@ -94,7 +115,7 @@ def clip_options(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]], description: str) -> int:
+def _run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]], description: str, processor: Any = None) -> int:
     try:
         model, report = load()
     except CheckpointError as error:
@@ -107,6 +128,7 @@ def _run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]], descript
         dtype=parse_dtype(args.dtype) if args.dtype else None,
         max_shard_size=args.max_shard_size,
         source_description=description,
+        processor=processor,
     )
     print(report.summary())
     print(f"saved to {args.dst}")
@@ -138,4 +160,23 @@ def run_compose(args: argparse.Namespace) -> int:
         args,
         lambda: load_composed(args.sam, args.clip, revision=args.revision, clip_config=clip_options(args)),
         f"composed: SAM stage from {args.sam}, CLIP stage from {args.clip}; compressor and projector initialised",
+    )
+
+
+def run_deepseek_ocr2(args: argparse.Namespace) -> int:
+    return _run(
+        args,
+        lambda: load_tower(args.src, family=DEEPENCODER_V2, revision=args.revision),
+        f"DeepSeek-OCR-2 ({args.src}), vision tower only",
+        processor=DeepEncoderImageProcessor(mode="ocr2"),
+    )
+
+
+def run_compose_v2(args: argparse.Namespace) -> int:
+    return _run(
+        args,
+        lambda: load_composed_v2(args.sam, args.qwen2, revision=args.revision),
+        f"composed V2: SAM stage from {args.sam}, encoder layers from {args.qwen2}; compressor, queries and "
+        "projector initialised",
+        processor=DeepEncoderImageProcessor(mode="ocr2"),
     )

@@ -53,7 +53,7 @@ def encoder_config_from_state_dict(
     state_dict: StateDict, stated: Mapping[str, Any] | None = None, **overrides: Any
 ) -> DeepEncoderV2EncoderConfig:
     """The encoder's width, depth, MLP width, K/V width, biases and query tables from tensor shapes. Head counts
-    cannot be read from q/k/v shapes: unless stated or given, 64-wide heads are assumed (Qwen2-0.5B: 14 / 2)."""
+    cannot be read from q/k/v shapes: from the stated (or given) head count, else 64-wide heads (Qwen2-0.5B: 14 / 2)."""
     hidden = state_dict["encoder.norm.weight"].shape[0]
     values: dict[str, Any] = {
         "hidden_size": hidden,
@@ -71,14 +71,19 @@ def encoder_config_from_state_dict(
             values.setdefault(key, value)
     values.update(overrides)
     if q_proj is not None:
-        head_dim = values.get("head_dim") or 64
-        kv_width = state_dict["encoder.layers.0.self_attn.k_proj.weight"].shape[0]
-        values.setdefault("num_attention_heads", q_proj.shape[0] // head_dim)
+        width, kv_width = q_proj.shape[0], state_dict["encoder.layers.0.self_attn.k_proj.weight"].shape[0]
+        heads = values.get("num_attention_heads")
+        head_dim = values.get("head_dim") or (width // heads if heads else 64)
+        values.setdefault("num_attention_heads", width // head_dim)
         values.setdefault("num_key_value_heads", kv_width // head_dim)
-        if values["num_attention_heads"] * head_dim != q_proj.shape[0]:
+        if values["num_attention_heads"] * head_dim != width or values["num_key_value_heads"] * head_dim != kv_width:
             raise ValueError(
-                f"q_proj is {q_proj.shape[0]} wide: not {values['num_attention_heads']} heads x {head_dim}"
+                f"q_proj / k_proj are {width} / {kv_width} wide: not {values['num_attention_heads']} / "
+                f"{values['num_key_value_heads']} heads of {head_dim}; state the head counts "
+                "(encoder_config={'num_attention_heads': ..., 'num_key_value_heads': ...})"
             )
+        if head_dim != hidden // values["num_attention_heads"]:
+            values["head_dim"] = head_dim
     return DeepEncoderV2EncoderConfig(**values)
 
 
@@ -92,18 +97,20 @@ def v2_config_from_state_dict(
     sam_stated, encoder_stated = stated.get("sam_config") or {}, stated.get("encoder_config") or {}
     sam_overrides = dict(overrides.pop("sam_config", None) or {})
     encoder_overrides = dict(overrides.pop("encoder_config", None) or {})
-    if any(key.startswith("sam.") for key in state_dict):
-        if not any(key.startswith("sam.net_") for key in state_dict):
-            sam_overrides.setdefault("compressor_channels", list(V2_COMPRESSOR_CHANNELS))
-        sam = sam_config_from_state_dict(state_dict, stated=sam_stated, **sam_overrides)
-    else:
-        given = {k: v for k, v in sam_stated.items() if k in SAM_KEYS}
-        sam = DeepEncoderSamConfig(**{"compressor_channels": list(V2_COMPRESSOR_CHANNELS), **given, **sam_overrides})
     if "encoder.norm.weight" in state_dict:
         encoder = encoder_config_from_state_dict(state_dict, stated=encoder_stated, **encoder_overrides)
     else:
         given = {k: v for k, v in encoder_stated.items() if k in ENCODER_KEYS}
         encoder = DeepEncoderV2EncoderConfig(**{**given, **encoder_overrides})
+    # without a compressor in the tensors: net_2 to 512, net_3 to the encoder's width (896 for the released tower)
+    compressor = [V2_COMPRESSOR_CHANNELS[0], encoder.hidden_size]
+    if any(key.startswith("sam.") for key in state_dict):
+        if not any(key.startswith("sam.net_") for key in state_dict):
+            sam_overrides.setdefault("compressor_channels", compressor)
+        sam = sam_config_from_state_dict(state_dict, stated=sam_stated, **sam_overrides)
+    else:
+        given = {k: v for k, v in sam_stated.items() if k in SAM_KEYS}
+        sam = DeepEncoderSamConfig(**{"compressor_channels": compressor, **given, **sam_overrides})
     top = {k: v for k, v in stated.items() if k in TOP_KEYS}
     projector = state_dict.get("projector.weight")
     if projector is not None:
@@ -231,8 +238,8 @@ QWEN2 = CheckpointFormat(
     provides=frozenset({"encoder"}),
     signatures=(("model.layers.0.self_attn.q_proj.bias", "model.norm.weight", "model.embed_tokens.weight"),),
     convert=convert_qwen2,
-    needed=lambda key: re.fullmatch(r"model\.(layers\.\d+\..+|norm\.weight)", key) is not None,
-    drop_reason=QWEN2_UNUSED.get,
+    needed=lambda key: re.fullmatch(r"model\.(layers\.\d+\..+|norm\.weight)", key) is not None and not _unused(key),
+    drop_reason=lambda key: QWEN2_UNUSED.get(key) or _unused(key),
     config_from_json=qwen2_values_from_config_json,
     licence="Apache-2.0 (Qwen2-0.5B weights)",
 )

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 
 from ..modeling_deepencoder import DeepEncoderModel
 from .common import DEEPENCODER
+from .deepseek_ocr2 import DEEPENCODER_V2, assemble_v2
 from .formats import ModelFamily
 from .registry import FORMATS
 from .report import ConversionReport
@@ -146,3 +147,46 @@ def load_composed(
         clip_config=clip_config,
         config_kwargs=config_kwargs,
     )
+
+
+def load_composed_v2(
+    sam: str,
+    qwen2: str,
+    *,
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    config_kwargs: dict[str, Any] | None = None,
+    filesystem: Any = None,
+) -> tuple[PreTrainedModel, ConversionReport]:
+    """A new DeepEncoder V2 from public parts, as DeepSeek-OCR-2's tower was initialised: the SAM trunk and neck from
+    `sam` (segment-anything `.pth`, transformers SAM, a DeepSeek-OCR checkpoint ...), the encoder's decoder layers
+    and final norm from `qwen2` (a Qwen2 causal LM such as Qwen2-0.5B; its config.json gives heads, eps and the RoPE
+    base). The compressor (`net_2`, `net_3` to 896), the learned queries, the projector and the separator are
+    initialised; the report lists them and what was dropped (a SAM source's own compressor, the token embedding)."""
+    sam_part = read_converted(sam, formats=formats_providing("sam"), revision=revision, filesystem=filesystem)
+    qwen2_part = read_converted(
+        qwen2, formats=formats_providing("encoder", DEEPENCODER_V2), revision=revision, filesystem=filesystem
+    )
+    report = ConversionReport(source=f"SAM stage: {sam}; encoder: {qwen2}")
+    for part, stage in ((sam_part, "sam"), (qwen2_part, "encoder")):
+        tag = f"[{stage}: {part.report.source}] "
+        report.dropped.update({tag + key: why for key, why in part.report.dropped.items()})
+        report.licences += [entry for entry in part.report.licences if entry not in report.licences]
+    sam_state = {}
+    for key, tensor in sam_part.state_dict.items():
+        if key.startswith("sam.net_"):
+            report.dropped[f"[sam: {sam}] {key}"] = (
+                "the source's compressor: V2's net_2 / net_3 (512, 896) are initialised"
+            )
+        elif key.startswith("sam."):
+            sam_state[key] = tensor
+    encoder_state = {k: v for k, v in qwen2_part.state_dict.items() if k.startswith("encoder.")}
+    model = assemble_v2(
+        sam_state,
+        encoder_state,
+        report,
+        encoder_stated=qwen2_part.config.get("encoder_config"),
+        config_kwargs=config_kwargs,
+        dtype=dtype,
+    )
+    return model, report

@@ -39,7 +39,8 @@ def save_converted(
 
 
 def model_card(model: DeepEncoderModel, report: ConversionReport, source: str) -> str:
-    sam, clip = model.config.sam_config, model.config.clip_config
+    sam, clip = model.config.sam_config, getattr(model.config, "clip_config", None)
+    encoder = getattr(model.config, "encoder_config", None)  # DeepEncoder V2
     dtype = next(model.parameters()).dtype
     lines = [
         "---",
@@ -52,8 +53,11 @@ def model_card(model: DeepEncoderModel, report: ConversionReport, source: str) -
         "Source weights licence: " + ("; ".join(report.licences) or "see the source weights' licence") + ".",
         "",
         f"- SAM stage: ViT {sam.hidden_size}-d, {sam.num_hidden_layers} blocks, global blocks {sam.global_attn_indexes}",
-        f"- CLIP stage: {clip.hidden_size}-d, {clip.num_hidden_layers} layers",
-        f"- projector: {model.config.join_dim} -> {model.config.projector_dim}",
+        f"- CLIP stage: {clip.hidden_size}-d, {clip.num_hidden_layers} layers"
+        if clip is not None
+        else f"- encoder: Qwen2 {encoder.hidden_size}-d, {encoder.num_hidden_layers} layers, "
+        f"{encoder.num_attention_heads} / {encoder.num_key_value_heads} heads, queries {encoder.query_counts}",
+        f"- projector: {model.projector.in_features} -> {model.config.projector_dim}",
         f"- dtype: {str(dtype).replace('torch.', '')}, {sum(p.numel() for p in model.parameters()):,} parameters",
         "",
         f"Converted tensors: {len(report.converted)}.",
@@ -72,8 +76,8 @@ def model_card(model: DeepEncoderModel, report: ConversionReport, source: str) -
     lines += [
         "",
         "```python",
-        "from deepencoder import DeepEncoderModel, DeepEncoderImageProcessor",
-        "model = DeepEncoderModel.from_pretrained(PATH)",
+        f"from deepencoder import {type(model).__name__}, DeepEncoderImageProcessor",
+        f"model = {type(model).__name__}.from_pretrained(PATH)",
         "processor = DeepEncoderImageProcessor.from_pretrained(PATH)",
         "```",
         "",
