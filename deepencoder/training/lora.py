@@ -9,6 +9,8 @@ works on a bare `DeepEncoderModel` and on the tower nested in a larger model (e.
 | `clip` | `clip.transformer.layers.*.self_attn.qkv_proj`, `self_attn.out_proj`, `mlp.fc1`, `mlp.fc2` |
 | `sam_attention`, `clip_attention` | the attention linears only |
 | `all` | both stages' attention and MLP linears |
+| `encoder` (DeepEncoder V2) | `encoder.layers.*.self_attn.q_proj`, `k_proj`, `v_proj`, `o_proj`, `mlp.gate_proj`, `up_proj`, `down_proj` |
+| `encoder_attention` | the V2 encoder's attention linears only |
 
 ```python
 from peft import LoraConfig, get_peft_model
@@ -26,6 +28,8 @@ _SAM_ATTN = r"sam\.blocks\.\d+\.attn\.(qkv|proj)"
 _SAM_MLP = r"sam\.blocks\.\d+\.mlp\.(lin1|lin2)"
 _CLIP_ATTN = r"clip\.transformer\.layers\.\d+\.self_attn\.(qkv_proj|out_proj)"
 _CLIP_MLP = r"clip\.transformer\.layers\.\d+\.mlp\.(fc1|fc2)"
+_ENCODER_ATTN = r"encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+_ENCODER_MLP = r"encoder\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)"
 
 
 def _pattern(*parts: str) -> str:
@@ -38,6 +42,8 @@ LORA_TARGETS: dict[str, str] = {
     "sam_attention": _pattern(_SAM_ATTN),
     "clip_attention": _pattern(_CLIP_ATTN),
     "all": _pattern(_SAM_ATTN, _SAM_MLP, _CLIP_ATTN, _CLIP_MLP),
+    "encoder": _pattern(_ENCODER_ATTN, _ENCODER_MLP),
+    "encoder_attention": _pattern(_ENCODER_ATTN),
 }
 
 
