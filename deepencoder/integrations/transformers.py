@@ -13,6 +13,10 @@ UnlimitedOcrModel.get_image_features(pixel_values, pixel_values_local, num_local
   attached: DeepEncoderModel.encode_views (same parameters) -> layout_page          (same tokens, same order)
 ```
 
+DeepSeek-OCR-2's `DeepseekOcr2ForConditionalGeneration` (`DeepseekOcr2Model`: SAM + a Qwen2 encoder with learned
+queries, no newlines) gets a `DeepEncoderV2Model` the same way; `get_image_features(pixel_values,
+pixel_values_local, num_local_patches)` keeps its contract.
+
 The tower is kept outside the model's module tree, so the model's `state_dict`, `parameters()` and
 `save_pretrained` are exactly what they were; because the parameters are shared objects, `model.to(...)`, `.half()`,
 `load_state_dict` and optimiser steps on the model reach the tower too. If the model's parameters are replaced by new
@@ -38,10 +42,12 @@ from torch import nn
 from transformers import initialization as init
 
 from ..conversion.common import map_keys, template_table
+from ..conversion.deepseek_ocr2 import DEEPSEEK_OCR2, v2_config_from_state_dict, values_from_config_json
 from ..conversion.unlimited_ocr import UNLIMITED_OCR_FUSED, UNLIMITED_OCR_MAP, deepencoder_config_from_unlimited_ocr
 from ..image_processing_deepencoder import DeepEncoderImageProcessor
-from ..layout import layout_page
+from ..layout import layout_page, layout_query_page
 from ..modeling_deepencoder import DeepEncoderModel
+from ..modeling_deepencoder_v2 import DeepEncoderV2Model
 
 ATTACHMENT_ATTRIBUTE = "_deepencoder_attachment"
 
@@ -96,21 +102,30 @@ def _split_qkv_state(module: SplitQkvProjection, state_dict: dict, prefix: str, 
 
 
 # ------------------------------------------------------------------------------------------------ the shared tower
-def _unlimited_ocr_model(model: nn.Module) -> nn.Module:
-    """`UnlimitedOcrForConditionalGeneration` or `UnlimitedOcrModel` -> the `UnlimitedOcrModel` holding the vision
-    parts."""
+def _inner_model(model: nn.Module) -> nn.Module:
+    """transformers' conditional-generation model or its base model -> the base model holding the vision parts
+    (`UnlimitedOcrModel` or `DeepseekOcr2Model`)."""
+    from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
+        DeepseekOcr2ForConditionalGeneration,
+        DeepseekOcr2Model,
+    )
     from transformers.models.unlimited_ocr.modeling_unlimited_ocr import (
         UnlimitedOcrForConditionalGeneration,
         UnlimitedOcrModel,
     )
 
-    if isinstance(model, UnlimitedOcrForConditionalGeneration):
+    if isinstance(model, (UnlimitedOcrForConditionalGeneration, DeepseekOcr2ForConditionalGeneration)):
         return model.model
-    if isinstance(model, UnlimitedOcrModel):
+    if isinstance(model, (UnlimitedOcrModel, DeepseekOcr2Model)):
         return model
     raise TypeError(
-        f"expected transformers' UnlimitedOcrForConditionalGeneration or UnlimitedOcrModel, got {type(model).__name__}"
+        "expected transformers' UnlimitedOcrForConditionalGeneration / UnlimitedOcrModel or "
+        f"DeepseekOcr2ForConditionalGeneration / DeepseekOcr2Model, got {type(model).__name__}"
     )
+
+
+def _is_v2(inner: nn.Module) -> bool:
+    return inner.config.model_type == "deepseek_ocr2"
 
 
 def _set_parameter(root: nn.Module, name: str, parameter: nn.Parameter) -> None:
@@ -147,10 +162,7 @@ def parameter_sources(names: list[str]) -> dict[str, str | tuple[str, ...]]:
     return sources
 
 
-def build_shared_tower(inner: nn.Module) -> DeepEncoderModel:
-    """A `DeepEncoderModel` whose every parameter is the corresponding parameter object of transformers'
-    `UnlimitedOcrModel` `inner` (vision tower, projector, newline, separator). Built on the meta device first, so no
-    tensor of the tower's own is ever allocated."""
+def _shared_v1_tower(inner: nn.Module) -> DeepEncoderModel:
     config = deepencoder_config_from_unlimited_ocr(inner.config)
     with torch.device("meta"), init.no_init_weights():
         tower = DeepEncoderModel(config)
@@ -163,9 +175,44 @@ def build_shared_tower(inner: nn.Module) -> DeepEncoderModel:
             parent, _, child = owner.rpartition(".")
             linears = [inner.get_submodule(part.rpartition(".")[0]) for part in source]
             setattr(tower.get_submodule(parent), child, SplitQkvProjection(*linears))
+    return tower
+
+
+def v2_shared_state(inner: nn.Module) -> dict[str, nn.Parameter]:
+    """`DeepseekOcr2Model`'s vision parameters under `DeepEncoderV2Model`'s names (the same objects). The names go
+    through transformers' own mapping back to DeepSeek-OCR-2's checkpoint names (what its `save_pretrained` writes),
+    then through the conversion layer's `deepseek-ocr2` format record."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    vision = {name: parameter for name, parameter in inner.named_parameters() if not name.startswith("language_model.")}
+    original = revert_weight_conversion(inner, dict(vision))
+    canonical = DEEPSEEK_OCR2.canonical(list(original))
+    needed = {canonical(key): tensor for key, tensor in original.items() if DEEPSEEK_OCR2.needed(canonical(key))}
+    return DEEPSEEK_OCR2.convert(needed, "transformers' DeepseekOcr2Model")
+
+
+def _shared_v2_tower(inner: nn.Module) -> DeepEncoderV2Model:
+    state = v2_shared_state(inner)
+    config = v2_config_from_state_dict(state, values_from_config_json(inner.config.to_dict()), {})
+    with torch.device("meta"), init.no_init_weights():
+        tower = DeepEncoderV2Model(config)
+    missing = sorted(set(name for name, _ in tower.named_parameters()) - set(state))
+    if missing:
+        raise ValueError(f"tower parameters with no counterpart in transformers' DeepseekOcr2Model: {missing}")
+    for name, parameter in state.items():
+        _set_parameter(tower, name, parameter)
+    return tower
+
+
+def build_shared_tower(inner: nn.Module) -> DeepEncoderModel | DeepEncoderV2Model:
+    """The tower whose every parameter is the corresponding parameter object of transformers' base model `inner`
+    (`UnlimitedOcrModel` -> `DeepEncoderModel`, `DeepseekOcr2Model` -> `DeepEncoderV2Model`): vision tower,
+    projector, separator (and v1's newline). Built on the meta device first, so no tensor of the tower's own is ever
+    allocated."""
+    tower = _shared_v2_tower(inner) if _is_v2(inner) else _shared_v1_tower(inner)
     left = [name for name, parameter in tower.named_parameters() if parameter.is_meta]
     if left:
-        raise ValueError(f"tower parameters with no counterpart in transformers' UnlimitedOcrModel: {left}")
+        raise ValueError(f"tower parameters with no counterpart in transformers' {type(inner).__name__}: {left}")
     dtypes = {parameter.dtype for parameter in tower.parameters()}
     if len(dtypes) == 1:
         tower.config.dtype = dtypes.pop()
@@ -228,24 +275,72 @@ def tower_image_features(
     )
 
 
+def tower_v2_image_features(
+    tower: DeepEncoderV2Model,
+    pixel_values: torch.Tensor,
+    pixel_values_local: torch.Tensor | None = None,
+    num_local_patches: Sequence[int] | torch.Tensor | None = None,
+    output_hidden_states: bool = False,
+):
+    """`DeepseekOcr2Model.get_image_features`'s contract computed by the V2 tower: `pooler_output` one
+    (num_tokens_i, D) tensor per page (every tile's queries, the global view's, the view separator),
+    `last_hidden_state` the global views' query outputs before the projector, `local_last_hidden_state` the tiles'."""
+    from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2ModelOutputWithPooling
+
+    if isinstance(num_local_patches, torch.Tensor):  # transformers accepts a tensor here (and syncs on it)
+        num_local_patches = num_local_patches.tolist()
+    batch = pixel_values.shape[0]
+    global_out = tower.encode_views(pixel_values, output_hidden_states=output_hidden_states, output_pre_projector=True)
+    local_out = None
+    per_page_tiles: list[torch.Tensor | None] = [None] * batch
+    if pixel_values_local is not None:
+        local_out = tower.encode_views(
+            pixel_values_local, output_hidden_states=output_hidden_states, output_pre_projector=True
+        )
+        per_page_tiles = list(local_out.image_embeds.split([int(n) for n in num_local_patches]))
+    pages = [
+        layout_query_page(global_out.image_embeds[i], tower.view_separator, per_page_tiles[i]) for i in range(batch)
+    ]
+
+    def as_transformers(states: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+        # transformers' last entry is the final norm's output over the whole sequence, ours the last layer's
+        return None if states is None else (*states[:-1], tower.encoder.norm(states[-1]))
+
+    local = {}
+    if local_out is not None:
+        local = {
+            "local_last_hidden_state": local_out.pre_projector,
+            "local_hidden_states": as_transformers(local_out.encoder_hidden_states),
+            "local_attentions": None,
+        }
+    return DeepseekOcr2ModelOutputWithPooling(
+        last_hidden_state=global_out.pre_projector,
+        pooler_output=pages,
+        hidden_states=as_transformers(global_out.encoder_hidden_states),
+        attentions=None,
+        **local,
+    )
+
+
 @dataclass
 class Attachment:
     """What `attach` left on a model: the tower and the model parameters it was built on (to notice replacements)."""
 
-    tower: DeepEncoderModel
+    tower: DeepEncoderModel | DeepEncoderV2Model
     parameters: list[nn.Parameter] = field(default_factory=list)
 
 
 def _vision_parameters(inner: nn.Module) -> list[nn.Parameter]:
+    extra = [] if _is_v2(inner) else [inner.image_newline]
     return [
         *inner.vision_tower.parameters(),
         *inner.multi_modal_projector.parameters(),
-        inner.image_newline,
+        *extra,
         inner.view_separator,
     ]
 
 
-def _current_tower(inner: nn.Module) -> DeepEncoderModel:
+def _current_tower(inner: nn.Module) -> DeepEncoderModel | DeepEncoderV2Model:
     """The attached tower, rebuilt first when the model's parameters were replaced by other objects since."""
     attachment: Attachment = inner.__dict__[ATTACHMENT_ATTRIBUTE]
     current = _vision_parameters(inner)
@@ -258,6 +353,19 @@ def _current_tower(inner: nn.Module) -> DeepEncoderModel:
     return tower
 
 
+def _serve(self: nn.Module, stock_inputs: dict[str, Any], kwargs: dict[str, Any]):
+    """Run the attached tower for `get_image_features`; requests it cannot serve (`output_attentions=True`: SDPA
+    keeps no attention weights) take the stock path."""
+    if kwargs.get("output_attentions"):
+        return type(self).get_image_features(self, **stock_inputs, **kwargs)
+    return_dict = kwargs.pop("return_dict", True)
+    output_hidden_states = bool(kwargs.pop("output_hidden_states", False))
+    features = tower_v2_image_features if _is_v2(self) else tower_image_features
+    output = features(_current_tower(self), output_hidden_states=output_hidden_states, **stock_inputs)
+    return output if return_dict else output.to_tuple()
+
+
+# explicit signatures: transformers' `generate` reads `get_image_features`' parameter names to pick its inputs
 def _attached_get_image_features(
     self: nn.Module,
     pixel_values: torch.Tensor,
@@ -266,54 +374,65 @@ def _attached_get_image_features(
     patches_grid: Sequence[Sequence[int]] | None = None,
     **kwargs: Any,
 ):
-    """Replaces `UnlimitedOcrModel.get_image_features` on an attached instance (see `tower_image_features`).
-    Requests the tower cannot serve (`output_attentions=True`: SDPA keeps no attention weights) take the stock path."""
-    if kwargs.get("output_attentions"):
-        return type(self).get_image_features(
-            self, pixel_values, pixel_values_local, num_local_patches, patches_grid, **kwargs
-        )
-    return_dict = kwargs.pop("return_dict", True)
-    output_hidden_states = bool(kwargs.pop("output_hidden_states", False))
-    output = tower_image_features(
-        _current_tower(self), pixel_values, pixel_values_local, num_local_patches, patches_grid, output_hidden_states
+    """`UnlimitedOcrModel.get_image_features` on an attached model (see `tower_image_features`)."""
+    inputs = dict(
+        pixel_values=pixel_values,
+        pixel_values_local=pixel_values_local,
+        num_local_patches=num_local_patches,
+        patches_grid=patches_grid,
     )
-    return output if return_dict else output.to_tuple()
+    return _serve(self, inputs, kwargs)
+
+
+def _attached_get_image_features_v2(
+    self: nn.Module,
+    pixel_values: torch.Tensor,
+    pixel_values_local: torch.Tensor | None = None,
+    num_local_patches: Sequence[int] | torch.Tensor | None = None,
+    **kwargs: Any,
+):
+    """`DeepseekOcr2Model.get_image_features` on an attached model (see `tower_v2_image_features`)."""
+    inputs = dict(pixel_values=pixel_values, pixel_values_local=pixel_values_local, num_local_patches=num_local_patches)
+    return _serve(self, inputs, kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ public API
-def attach(model: nn.Module) -> DeepEncoderModel:
+def attach(model: nn.Module) -> DeepEncoderModel | DeepEncoderV2Model:
     """Make `model`'s image features come from this library's tower, built on `model`'s own parameters.
 
-    model: transformers' `UnlimitedOcrForConditionalGeneration` or `UnlimitedOcrModel`. Returns the tower
-    (a `DeepEncoderModel` sharing every vision parameter with `model`). `forward` / `generate` then take the inputs
-    of transformers' processor unchanged. Attaching twice returns the same tower; `detach(model)` undoes it.
+    model: transformers' `UnlimitedOcrForConditionalGeneration` / `UnlimitedOcrModel` (DeepSeek-OCR's architecture:
+    returns a `DeepEncoderModel`) or `DeepseekOcr2ForConditionalGeneration` / `DeepseekOcr2Model` (returns a
+    `DeepEncoderV2Model`); the tower shares every vision parameter with `model`. `forward` / `generate` then take
+    the inputs of transformers' processor unchanged. Attaching twice returns the same tower; `detach(model)` undoes
+    it.
     """
-    inner = _unlimited_ocr_model(model)
+    inner = _inner_model(model)
     if ATTACHMENT_ATTRIBUTE in inner.__dict__:
         return _current_tower(inner)
     tower = build_shared_tower(inner)
     # outside the module tree: the model's state_dict, parameters() and save_pretrained stay as they were
     inner.__dict__[ATTACHMENT_ATTRIBUTE] = Attachment(tower, _vision_parameters(inner))
-    inner.__dict__["get_image_features"] = types.MethodType(_attached_get_image_features, inner)
+    method = _attached_get_image_features_v2 if _is_v2(inner) else _attached_get_image_features
+    inner.__dict__["get_image_features"] = types.MethodType(method, inner)
     return tower
 
 
 def detach(model: nn.Module) -> None:
     """Restore transformers' own vision path on a model `attach` was called on (no-op otherwise)."""
-    inner = _unlimited_ocr_model(model)
+    inner = _inner_model(model)
     inner.__dict__.pop(ATTACHMENT_ATTRIBUTE, None)
     inner.__dict__.pop("get_image_features", None)
 
 
 def is_attached(model: nn.Module) -> bool:
-    return ATTACHMENT_ATTRIBUTE in _unlimited_ocr_model(model).__dict__
+    return ATTACHMENT_ATTRIBUTE in _inner_model(model).__dict__
 
 
-def from_transformers(model: nn.Module) -> DeepEncoderModel:
-    """A standalone `DeepEncoderModel` on `model`'s own vision parameters (shared, not copied); `model` itself is
-    left untouched. `tower(**DeepEncoderImageProcessor(...)(pages))` then works as for any tower, and
+def from_transformers(model: nn.Module) -> DeepEncoderModel | DeepEncoderV2Model:
+    """A standalone tower (`DeepEncoderModel`, or `DeepEncoderV2Model` for DeepSeek-OCR-2) on `model`'s own vision
+    parameters (shared, not copied); `model` itself is left untouched. `tower(**DeepEncoderImageProcessor(...)(pages))` then works as for any tower, and
     `tower.save_pretrained(dir)` writes an ordinary DeepEncoder checkpoint."""
-    return build_shared_tower(_unlimited_ocr_model(model))
+    return build_shared_tower(_inner_model(model))
 
 
 def image_processor_from_transformers(image_processor: Any) -> DeepEncoderImageProcessor:
