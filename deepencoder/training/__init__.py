@@ -8,6 +8,7 @@ from ..freezing import TrainableSummary, freeze, trainable_summary, unfreeze
 from .config import (
     TOWER_PRESETS,
     DataSettings,
+    EvalSettings,
     LanguageModelSettings,
     LoraSettings,
     MimSettings,
@@ -19,9 +20,27 @@ from .config import (
     load_config,
 )
 from .data import ImageTextFolder, ManifestTokens, SyntheticPages, render_page
+from .evaluation import (
+    OcrEvaluation,
+    character_error_rate,
+    edit_distance,
+    evaluate_ocr,
+    ocr_metrics,
+    shuffled_order,
+    write_evaluation,
+)
 from .lora import LORA_TARGETS, apply_lora, lora_targets, merge_lora
 from .mim import SamMaskedImageModeling, patchify, random_patch_mask, unpatchify
-from .ocr import OcrCollator, build_language_model, build_ocr_run, build_tower, ocr_loss, run_ocr_finetune
+from .ocr import (
+    HeldOutEvaluator,
+    OcrCollator,
+    build_held_out,
+    build_language_model,
+    build_ocr_run,
+    build_tower,
+    ocr_loss,
+    run_ocr_finetune,
+)
 from .pretrain import MimCollator, build_mim_run, mim_loss, run_sam_pretrain
 from .text import ByteTokenizer, text_batch
 from .trainer import Trainer, build_optimizer, build_scheduler, enable_gradient_checkpointing, save_loss_curve
@@ -32,6 +51,8 @@ __all__ = [
     "TOWER_PRESETS",
     "ByteTokenizer",
     "DataSettings",
+    "EvalSettings",
+    "HeldOutEvaluator",
     "ImageTextFolder",
     "LanguageModelSettings",
     "LoraSettings",
@@ -39,6 +60,7 @@ __all__ = [
     "MimCollator",
     "MimSettings",
     "OcrCollator",
+    "OcrEvaluation",
     "OcrFinetuneConfig",
     "OcrVisionLanguageModel",
     "OptimConfig",
@@ -50,28 +72,35 @@ __all__ = [
     "Trainer",
     "TrainableSummary",
     "apply_lora",
+    "build_held_out",
     "build_language_model",
     "build_mim_run",
     "build_ocr_run",
     "build_optimizer",
     "build_scheduler",
     "build_tower",
+    "character_error_rate",
+    "edit_distance",
     "enable_gradient_checkpointing",
+    "evaluate_ocr",
     "freeze",
     "load_config",
     "lora_targets",
     "merge_lora",
     "mim_loss",
     "ocr_loss",
+    "ocr_metrics",
     "patchify",
     "random_patch_mask",
     "render_page",
     "run_ocr_finetune",
     "run_sam_pretrain",
     "save_loss_curve",
+    "shuffled_order",
     "text_batch",
     "tiny_causal_lm",
     "trainable_summary",
     "unfreeze",
     "unpatchify",
+    "write_evaluation",
 ]

@@ -56,6 +56,9 @@ class OptimConfig:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.0
     max_grad_norm: float | None = 1.0
+    # learning-rate multipliers by parameter-name prefix of the trained module, the longest prefix wins:
+    # e.g. {vision: 0.5, connector: 1.0} for OcrVisionLanguageModel (`vision.`, `connector.`, `language_model.`)
+    lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,7 +112,11 @@ class TowerSettings:
 class DataSettings:
     """kind: `synthetic` (rendered pages), `folder` (image + .txt pairs under `root`), `manifest` (precomputed
     tokens: `manifest` + optional `texts` sidecar). `mode` / `base_size` / `tile_size` configure the image
-    processor (pages); `image_size` is the square side for SAM pretraining."""
+    processor (pages); `image_size` is the square side for SAM pretraining.
+
+    Synthetic text: `vocabulary` `words` (the built-in English word list) or `random` (strings of `alphabet`
+    characters, lengths in `word_length`); a fraction `numbers` of the words are numbers (1 to `word_length[1]`
+    digits). `margin`: (min, max) px of the random offset of the text block from the top-left corner."""
 
     kind: str = "synthetic"
     num_samples: int = 64
@@ -118,6 +125,11 @@ class DataSettings:
     words_per_line: tuple[int, int] = (1, 4)
     font_size: tuple[int, int] = (18, 26)
     font: str | None = None
+    vocabulary: str = "words"
+    alphabet: str = "abcdefghijklmnopqrstuvwxyz"
+    word_length: tuple[int, int] = (2, 6)
+    numbers: float = 0.0
+    margin: tuple[int, int] = (8, 8)
     seed: int = 0
     root: str | None = None
     manifest: str | None = None
@@ -140,6 +152,28 @@ class LanguageModelSettings:
     num_heads: int = 4
     max_text_tokens: int = 128
     train: bool = True
+    initializer_range: float | None = None  # random LM only: std of its initial weights (transformers' 0.02)
+
+
+@dataclass
+class EvalSettings:
+    """Held-out transcription (`deepencoder.training.evaluation`): off when `num_samples` is 0.
+
+    data: overrides of the run's `DataSettings` that describe the held-out set, e.g. `{seed: 1, vocabulary: words}`
+        for other synthetic pages or `{root: data/val}` for a folder; a synthetic held-out set with no `seed` given
+        takes the training seed + 1, and its words are kept out of the training pages.
+    every: also evaluate every this many steps during training (0: only at the end).
+    num_samples: held-out pages used (the first ones of the set); max_new_tokens: greedy decoding limit
+        (default: the LM's `max_text_tokens`); batch_size: pages per tower / decoding batch; seed: the shuffle of
+        the page-blind control.
+    """
+
+    num_samples: int = 0
+    every: int = 0
+    batch_size: int = 16
+    max_new_tokens: int | None = None
+    seed: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -148,6 +182,7 @@ class OcrFinetuneConfig:
     tower: TowerSettings = field(default_factory=TowerSettings)
     language_model: LanguageModelSettings = field(default_factory=LanguageModelSettings)
     data: DataSettings = field(default_factory=DataSettings)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     sample_transcriptions: int = 2
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -41,28 +41,29 @@ def render_page(
     size: tuple[int, int] = (256, 256),
     font_size: int = 20,
     font: str | os.PathLike | None = None,
-    margin: int = 8,
+    margin: int | tuple[int, int] = 8,
     line_spacing: float = 1.25,
     ink: int = 0,
     paper: int = 255,
 ) -> Image.Image:
-    """Render `text` (lines separated by `\\n`, each wrapped at the page width) onto a white RGB page."""
+    """Render `text` (lines separated by `\\n`, each wrapped at the page width) onto a white RGB page, starting
+    `margin` px (or (x, y) px) from the top-left corner."""
     image = Image.new("RGB", size, (paper,) * 3)
     draw = ImageDraw.Draw(image)
     face = load_font(font_size, font)
-    y = margin
+    left, y = (margin, margin) if isinstance(margin, int) else margin
     step = int(font_size * line_spacing)
     for paragraph in text.split("\n"):
         line = ""
         for word in paragraph.split(" "):
             candidate = f"{line} {word}".strip()
-            if line and draw.textlength(candidate, font=face) > size[0] - 2 * margin:
-                draw.text((margin, y), line, fill=(ink,) * 3, font=face)
+            if line and draw.textlength(candidate, font=face) > size[0] - 2 * left:
+                draw.text((left, y), line, fill=(ink,) * 3, font=face)
                 y += step
                 line = word
             else:
                 line = candidate
-        draw.text((margin, y), line, fill=(ink,) * 3, font=face)
+        draw.text((left, y), line, fill=(ink,) * 3, font=face)
         y += step
     return image
 
@@ -76,8 +77,14 @@ class SyntheticPages(Dataset):
         lines: (min, max) number of lines per page.
         words_per_line: (min, max) words per line.
         font_size: (min, max) font size in px.
-        words: vocabulary to draw from (`WORDS` by default).
+        words: vocabulary to draw from (`WORDS` by default), used when `vocabulary` is `words`.
         font: TrueType font path or name; Pillow's default font when None.
+        vocabulary: `words` (draw from `words`) or `random` (strings of `alphabet` characters).
+        alphabet: characters of `random` words.
+        word_length: (min, max) characters of a `random` word, and the most digits of a number.
+        numbers: probability that a word is a number instead (1 to `word_length[1]` digits, no leading zero).
+        margin: (min, max) px offset of the text block from the top-left corner, drawn per page (both axes).
+        exclude: words never drawn (redrawn instead): keeps a held-out set's words out of training pages.
     """
 
     def __init__(
@@ -90,21 +97,47 @@ class SyntheticPages(Dataset):
         words: Sequence[str] = WORDS,
         font: str | None = None,
         seed: int = 0,
+        vocabulary: str = "words",
+        alphabet: str = "abcdefghijklmnopqrstuvwxyz",
+        word_length: tuple[int, int] | Sequence[int] = (2, 6),
+        numbers: float = 0.0,
+        margin: tuple[int, int] | Sequence[int] = (8, 8),
+        exclude: Iterable[str] = (),
     ) -> None:
+        if vocabulary not in ("words", "random"):
+            raise ValueError(f"unknown vocabulary {vocabulary!r}; choose words | random")
         self.num_samples = num_samples
         self.size = (int(size[0]), int(size[1]))
         self.lines, self.words_per_line, self.font_size = tuple(lines), tuple(words_per_line), tuple(font_size)
         self.words = list(words)
         self.font = font
         self.seed = seed
+        self.vocabulary, self.alphabet = vocabulary, alphabet
+        self.word_length, self.numbers, self.margin = tuple(word_length), float(numbers), tuple(margin)
+        self.exclude = frozenset(exclude)
+        if vocabulary == "words" and self.numbers < 1 and not set(self.words) - self.exclude:
+            raise ValueError("every word of the vocabulary is excluded")
 
     def __len__(self) -> int:
         return self.num_samples
 
+    def _word(self, rng: random.Random) -> str:
+        for _ in range(1000):
+            if self.numbers and rng.random() < self.numbers:
+                digits = rng.randint(1, self.word_length[1])
+                word = str(rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1))
+            elif self.vocabulary == "words":
+                word = rng.choice(self.words)
+            else:
+                word = "".join(rng.choice(self.alphabet) for _ in range(rng.randint(*self.word_length)))
+            if word not in self.exclude:
+                return word
+        raise ValueError("could not draw a word outside `exclude` in 1000 tries")
+
     def text(self, index: int) -> str:
         rng = random.Random(self.seed * 1_000_003 + index)
         return "\n".join(
-            " ".join(rng.choice(self.words) for _ in range(rng.randint(*self.words_per_line)))
+            " ".join(self._word(rng) for _ in range(rng.randint(*self.words_per_line)))
             for _ in range(rng.randint(*self.lines))
         )
 
@@ -112,8 +145,10 @@ class SyntheticPages(Dataset):
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
         text = self.text(index)
-        font_size = random.Random(self.seed * 7919 + index).randint(*self.font_size)
-        return {"image": render_page(text, self.size, font_size, self.font), "text": text}
+        rng = random.Random(self.seed * 7919 + index)
+        font_size = rng.randint(*self.font_size)
+        margin = (rng.randint(*self.margin), rng.randint(*self.margin))
+        return {"image": render_page(text, self.size, font_size, self.font, margin=margin), "text": text}
 
 
 class ImageTextFolder(Dataset):
@@ -144,24 +179,24 @@ class ImageTextFolder(Dataset):
 class ManifestTokens(Dataset):
     """Precomputed tower tokens from `deepencoder encode`'s `manifest.jsonl`, paired with text.
 
-    Manifest rows have `source, page, status, tokens, output, key, mode, grid, size, seconds, error`; a row is used
-    when `status == "ok"` (or `"done"`/`"skipped-existing"`) and `error` is empty. Its tokens are tensor `key`
-    (`page.<i>`, (tokens, D)) of the safetensors file `output` (relative paths are taken from the manifest's
-    folder). The text of a page comes from, in order:
+    The manifest is read by the pipeline's own reader (`deepencoder.pipeline.load_manifest`): the rank files of
+    an unfinished multi-process run are included, a page retried by a later run keeps its last row, and only rows
+    with `status: ok` are used. A row's tokens are tensor `key` (`page.<i>`, (tokens, D)) of the safetensors file
+    `output` (relative paths are taken from the manifest's folder). The text of a page comes from, in order:
 
     1. a `text` field of the row;
     2. `texts`: a JSONL sidecar of `{"source": ..., "page": ..., "text": ...}` rows (source as in the manifest);
     3. a `.txt` file beside the source: `<source stem>.txt` for page 0 of a one-page source, or
        `<source stem>.page<i>.txt` (i as in the manifest's `page` field).
 
-    Pages without text are skipped and counted in `self.skipped`.
+    Pages without text are skipped and counted in `self.skipped`. `manifest` may also be the run's folder.
     """
 
-    OK_STATUS = ("ok", "done", "skipped-existing", "exists")
-
     def __init__(self, manifest: str | os.PathLike, texts: str | os.PathLike | None = None) -> None:
+        from ..pipeline.dataset import load_manifest
+
         self.manifest = Path(manifest)
-        base = self.manifest.parent
+        base = self.manifest if self.manifest.is_dir() else self.manifest.parent
         sidecar: dict[tuple[str, int], str] = {}
         if texts is not None:
             for line in Path(texts).read_text(encoding="utf-8").splitlines():
@@ -170,15 +205,11 @@ class ManifestTokens(Dataset):
                     sidecar[(str(row["source"]), int(row["page"]))] = row["text"]
         self.items: list[tuple[Path, str, str]] = []
         self.skipped = 0
-        for line in self.manifest.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("error") or str(row.get("status", "ok")) not in self.OK_STATUS:
-                continue
-            text = row.get("text") or sidecar.get((str(row["source"]), int(row.get("page", 0))))
+        for row in load_manifest(self.manifest, status="ok"):
+            page = int(row.get("page") or 0)
+            text = row.get("text") or sidecar.get((str(row["source"]), page))
             if text is None:
-                text = self._text_beside_source(Path(row["source"]), int(row.get("page", 0)), base)
+                text = self._text_beside_source(Path(row["source"]), page, base)
             if text is None:
                 self.skipped += 1
                 continue
@@ -222,8 +253,9 @@ def build_dataset(kind: str, **kwargs) -> Dataset:
     raise ValueError(f"unknown dataset kind {kind!r}; choose synthetic | folder | manifest")
 
 
-def dataset_from_settings(data) -> Dataset:
-    """The dataset a run's `DataSettings` describe (`kind` synthetic | folder | manifest)."""
+def dataset_from_settings(data, exclude: Iterable[str] = ()) -> Dataset:
+    """The dataset a run's `DataSettings` describe (`kind` synthetic | folder | manifest); `exclude`: words kept out
+    of synthetic pages."""
     if data.kind == "synthetic":
         return build_dataset(
             "synthetic",
@@ -234,17 +266,22 @@ def dataset_from_settings(data) -> Dataset:
             font_size=data.font_size,
             font=data.font,
             seed=data.seed,
+            vocabulary=data.vocabulary,
+            alphabet=data.alphabet,
+            word_length=data.word_length,
+            numbers=data.numbers,
+            margin=data.margin,
+            exclude=exclude,
         )
     return build_dataset(data.kind, root=data.root, manifest=data.manifest, texts=data.texts)
 
 
 def pixel_batch(images: Sequence[Image.Image], processor) -> dict:
-    """Pages -> the tower's inputs through a `DeepEncoderImageProcessor` (pixel_values, tiles, tile_grids)."""
+    """Pages -> the tower's inputs: everything the tower's image processor returns (for DeepEncoder
+    `pixel_values`, `tile_grids`, `num_image_tokens` and `pixel_values_tiles` when a page is tiled), None values
+    dropped, so any tower taking its processor's outputs works."""
     inputs = processor(images=list(images), return_tensors="pt")
-    batch = {"pixel_values": inputs["pixel_values"], "tile_grids": inputs["tile_grids"]}
-    if inputs.get("pixel_values_tiles") is not None:
-        batch["pixel_values_tiles"] = inputs["pixel_values_tiles"]
-    return batch
+    return {key: value for key, value in inputs.items() if value is not None}
 
 
 def stack_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:

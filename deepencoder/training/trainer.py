@@ -26,15 +26,42 @@ from .config import OptimConfig, TrainConfig
 CHECKPOINT_PREFIX = "step-"
 
 
-def build_optimizer(parameters: Sequence[nn.Parameter], config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters; no weight decay on 1-d tensors (norms, biases, embeddings rows)."""
-    params = [p for p in parameters if p.requires_grad]
-    if not params:
+def _lr_scale(name: str, scales: dict[str, float]) -> float:
+    """Multiplier of the longest `scales` prefix that `name` starts with (at a dot boundary), else 1."""
+    best, scale = -1, 1.0
+    for prefix, value in scales.items():
+        if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best:
+            best, scale = len(prefix), float(value)
+    return scale
+
+
+def build_optimizer(
+    parameters: Sequence[nn.Parameter] | Sequence[tuple[str, nn.Parameter]], config: OptimConfig
+) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; no weight decay on 1-d tensors (norms, biases, embeddings rows).
+
+    With (name, parameter) pairs, `config.lr_scale` multiplies the learning rate of parameters by name prefix
+    (`{"vision": 0.5}`); a prefix that matches no trainable parameter is an error (a misspelt scale never passes
+    silently)."""
+    named = [item if isinstance(item, tuple) else ("", item) for item in parameters]
+    named = [(n, p) for n, p in named if p.requires_grad]
+    if not named:
         raise ValueError("nothing to train: every parameter is frozen")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=tuple(config.betas))
+    scales = dict(config.lr_scale)
+    unused = [prefix for prefix in scales if not any(n == prefix or n.startswith(prefix + ".") for n, _ in named)]
+    if unused:
+        raise ValueError(f"lr_scale prefix(es) {unused} match no trainable parameter")
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in named:
+        groups.setdefault((_lr_scale(name, scales), param.ndim >= 2), []).append(param)
+    return torch.optim.AdamW(
+        [
+            {"params": params, "lr": config.lr * scale, "weight_decay": config.weight_decay if decay else 0.0}
+            for (scale, decay), params in sorted(groups.items(), key=lambda kv: (-kv[0][1], kv[0][0]))
+        ],
+        lr=config.lr,
+        betas=tuple(config.betas),
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, max_steps: int):
@@ -90,8 +117,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-def save_loss_curve(history: Sequence[tuple[int, float]], path: str | Path, title: str = "training loss") -> None:
-    """Loss per step (and a moving average) as a PNG."""
+def save_loss_curve(
+    history: Sequence[tuple[int, float]],
+    path: str | Path,
+    title: str = "training loss",
+    evals: Sequence[dict[str, Any]] = (),
+) -> None:
+    """Loss per step (and a moving average) as a PNG; with `evals` (rows with `step`, `cer`, `cer_shuffled`,
+    `exact_match`), a second panel beside it shows the held-out CER, the page-blind control's CER and the exact-match
+    rate over the steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +133,19 @@ def save_loss_curve(history: Sequence[tuple[int, float]], path: str | Path, titl
 
     steps = [s for s, _ in history]
     losses = [v for _, v in history]
-    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
+    if evals:
+        figure, (axis, right) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=120)
+        at = [row["step"] for row in evals]
+        right.plot(at, [row["cer"] for row in evals], "o-", lw=1.6, label="CER (model)")
+        right.plot(at, [row["cer_shuffled"] for row in evals], "s--", lw=1.2, label="CER (page-blind control)")
+        right.plot(at, [row["exact_match"] for row in evals], "^:", lw=1.2, label="exact match")
+        right.set_xlabel("step")
+        right.set_ylim(0, max(1.05, max(row["cer_shuffled"] for row in evals) * 1.05))
+        right.set_title(f"held-out pages ({evals[-1].get('pages', '?')})")
+        right.grid(alpha=0.3)
+        right.legend()
+    else:
+        figure, axis = plt.subplots(figsize=(6, 3.5), dpi=120)
     axis.plot(steps, losses, lw=0.8, alpha=0.5, label="loss")
     window = max(1, len(losses) // 20)
     if window > 1:
@@ -125,6 +171,9 @@ class Trainer:
             positions, usable as per-sample seeds) into a batch dict.
         loss_fn: `(model, batch) -> scalar loss`, the mean over this process's share of the batch.
         accelerator: an `accelerate.Accelerator`; one is made from the config when None.
+        evaluate: `(trainer) -> dict of floats`, run on the main process every `eval_every` steps (e.g. held-out
+            CER); the rows (with `step`) collect in `trainer.evals`, are checkpointed and written to `evals.jsonl`.
+        eval_every: steps between evaluations (0: never during training).
     """
 
     def __init__(
@@ -135,6 +184,8 @@ class Trainer:
         collate: Callable[[list, list[int]], dict],
         loss_fn: Callable[[nn.Module, dict], torch.Tensor],
         accelerator=None,
+        evaluate: Callable[[Trainer], dict[str, Any]] | None = None,
+        eval_every: int = 0,
     ) -> None:
         from accelerate import Accelerator
 
@@ -147,11 +198,13 @@ class Trainer:
         self.dataset, self.collate, self.loss_fn = dataset, collate, loss_fn
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model)
-        self.optimizer = build_optimizer(list(model.parameters()), config.optim)
+        self.optimizer = build_optimizer(list(model.named_parameters()), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.max_steps)
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.step = 0
         self.history: list[tuple[int, float]] = []
+        self.evaluate, self.eval_every = evaluate, eval_every
+        self.evals: list[dict[str, Any]] = []
         self.output_dir = Path(config.output_dir)
 
     @property
@@ -171,7 +224,7 @@ class Trainer:
             torch.save(self.optimizer.state_dict(), path / "optimizer.pt")
             torch.save(self.scheduler.state_dict(), path / "scheduler.pt")
             torch.save(_rng_state(), path / "rng.pt")
-            state = {"step": self.step, "history": self.history}
+            state = {"step": self.step, "history": self.history, "evals": self.evals}
             (path / "trainer_state.json").write_text(json.dumps(state))
             self._prune()
         self.accelerator.wait_for_everyone()
@@ -200,6 +253,7 @@ class Trainer:
         state = json.loads((path / "trainer_state.json").read_text())
         self.step = int(state["step"])
         self.history = [tuple(item) for item in state["history"]]
+        self.evals = list(state.get("evals", []))
 
     def maybe_resume(self) -> Path | None:
         resume = self.config.resume
@@ -235,6 +289,24 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def run_evaluation(self) -> dict[str, Any] | None:
+        """`evaluate(self)` on the main process (the others wait); appends `{"step": ..., **metrics}` to
+        `self.evals` (replacing a row of the same step) and returns it."""
+        row = None
+        if self.evaluate is not None and self.accelerator.is_main_process:
+            row = {"step": self.step, **self.evaluate(self)}
+            self.evals = [r for r in self.evals if r["step"] != self.step] + [row]
+        self.accelerator.wait_for_everyone()
+        return row
+
+    def write_evals(self) -> None:
+        """`evals.jsonl` in the output folder: one row per evaluation (main process)."""
+        if self.evals and self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "evals.jsonl", "w") as handle:
+                for row in self.evals:
+                    handle.write(json.dumps(row) + "\n")
+
     def train_step(self, batch: dict) -> float:
         """One optimizer step; returns the loss averaged over processes."""
         loss = self.forward_backward(batch)
@@ -262,6 +334,11 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
             if bar.disable and self.config.log_every and self.step % self.config.log_every == 0:
                 self.accelerator.print(f"step {self.step}: loss {loss:.4f}")
+            if self.eval_every and self.step % self.eval_every == 0 and self.step < stop:
+                row = self.run_evaluation()
+                if row is not None:
+                    shown = ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float))
+                    (bar.write if not bar.disable else self.accelerator.print)(f"step {self.step} eval: {shown}")
             if self.config.save_every and self.step % self.config.save_every == 0 and self.step < stop:
                 self.save_checkpoint()
         bar.close()
@@ -271,6 +348,7 @@ class Trainer:
             with open(self.output_dir / "loss.jsonl", "w") as handle:
                 for step, loss in self.history:
                     handle.write(json.dumps({"step": step, "loss": loss}) + "\n")
+            self.write_evals()
         return self.history
 
 

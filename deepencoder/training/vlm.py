@@ -45,20 +45,16 @@ class OcrVisionLanguageModel(nn.Module):
             image_dim = vision.config.projector_dim
         self.connector = connector or (nn.Identity() if image_dim == hidden else nn.Linear(image_dim, hidden))
 
-    def image_tokens(
-        self,
-        pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        pixel_values_tiles: torch.Tensor | None = None,
-        tile_grids: Sequence[Sequence[int]] | None = None,
-        image_embeds: Sequence[torch.Tensor] | None = None,
-    ) -> list[torch.Tensor]:
-        """Per page (N_i, hidden): the tower's page layout (or given `image_embeds`) through the connector."""
+    def image_tokens(self, image_embeds: Sequence[torch.Tensor] | None = None, **vision_inputs) -> list[torch.Tensor]:
+        """Per page (N_i, hidden): the tower's page tokens (or the given `image_embeds`) through the connector.
+
+        vision_inputs: what the tower's image processor returned (`pixel_values`, `pixel_values_tiles`,
+        `tile_grids`, ...), passed to the tower as is; only `tower(**vision_inputs).image_embeds` (a list of
+        (N_i, D) tensors) is relied on, so any tower with that output works."""
         if image_embeds is None:
             if self.vision is None:
                 raise ValueError("no vision tower: pass image_embeds")
-            image_embeds = self.vision(
-                pixel_values=pixel_values, pixel_values_tiles=pixel_values_tiles, tile_grids=tile_grids
-            ).image_embeds
+            image_embeds = self.vision(**vision_inputs).image_embeds
         return [self.connector(tokens) for tokens in image_embeds]
 
     def build_inputs(
@@ -72,8 +68,7 @@ class OcrVisionLanguageModel(nn.Module):
         text_embeds = self.language_model.get_input_embeddings()(input_ids)  # (B, L, H)
         lengths = attention_mask.sum(dim=1).tolist()
         total = max(img.shape[0] + n for img, n in zip(image_tokens, lengths))
-        batch, hidden = input_ids.shape[0], text_embeds.shape[-1]
-        embeds = text_embeds.new_zeros(batch, total, hidden)
+        batch = input_ids.shape[0]
         mask = attention_mask.new_zeros(batch, total)
         labels = torch.full((batch, total), -100, dtype=torch.long, device=input_ids.device)
         rows = []
@@ -89,41 +84,55 @@ class OcrVisionLanguageModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        pixel_values_tiles: torch.Tensor | None = None,
-        tile_grids: Sequence[Sequence[int]] | None = None,
         image_embeds: Sequence[torch.Tensor] | None = None,
+        **vision_inputs,
     ):
-        """Returns the LM's output; `.loss` is the mean cross-entropy over the text tokens of the batch."""
-        tokens = self.image_tokens(pixel_values, pixel_values_tiles, tile_grids, image_embeds)
+        """Returns the LM's output; `.loss` is the mean cross-entropy over the text tokens of the batch.
+        vision_inputs: the tower's processor outputs (see `image_tokens`)."""
+        tokens = self.image_tokens(image_embeds, **vision_inputs)
         return self.language_model(**self.build_inputs(tokens, input_ids, attention_mask))
 
     @torch.no_grad()
     def generate_text(
         self,
         tokenizer,
-        pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        pixel_values_tiles: torch.Tensor | None = None,
-        tile_grids: Sequence[Sequence[int]] | None = None,
         image_embeds: Sequence[torch.Tensor] | None = None,
         max_new_tokens: int = 64,
+        **vision_inputs,
     ) -> list[str]:
-        """Greedy transcription of each page (one page at a time, KV cache on)."""
-        pages = self.image_tokens(pixel_values, pixel_values_tiles, tile_grids, image_embeds)
+        """Greedy transcription of each page (`image_embeds` or the tower's processor outputs)."""
+        pages = self.image_tokens(image_embeds, **vision_inputs)
+        return self.greedy_decode(pages, tokenizer, max_new_tokens)
+
+    @torch.no_grad()
+    def greedy_decode(self, pages: Sequence[torch.Tensor], tokenizer, max_new_tokens: int = 64) -> list[str]:
+        """Greedy text after each page's (N_i, hidden) tokens (already through the connector), KV cache on.
+
+        Pages with the same token count decode together as one batch (no padding, so any causal LM's own position
+        handling applies unchanged); a row's text ends at its first eos."""
         embed = self.language_model.get_input_embeddings()
-        results = []
-        for tokens in pages:
-            inputs = tokens[None].to(embed.weight.dtype)
+        eos = tokenizer.eos_token_id
+        groups: dict[int, list[int]] = {}
+        for index, tokens in enumerate(pages):
+            groups.setdefault(int(tokens.shape[0]), []).append(index)
+        results: list[str] = [""] * len(pages)
+        for indices in groups.values():
+            inputs = torch.stack([pages[i] for i in indices]).to(embed.weight.dtype)  # (b, N, hidden)
             past, ids = None, []
+            finished = torch.zeros(len(indices), dtype=torch.bool, device=inputs.device)
             for _ in range(max_new_tokens):
                 out = self.language_model(inputs_embeds=inputs, past_key_values=past, use_cache=True)
                 past = out.past_key_values
-                next_id = int(out.logits[0, -1].argmax())
-                if next_id == tokenizer.eos_token_id:
+                next_ids = out.logits[:, -1].argmax(dim=-1)  # (b,)
+                finished = finished | (next_ids == eos)
+                ids.append(next_ids)
+                if bool(finished.all()):
                     break
-                ids.append(next_id)
-                inputs = embed(torch.tensor([[next_id]], device=inputs.device))
-            results.append(tokenizer.decode(ids))
+                inputs = embed(next_ids[:, None])
+            rows = torch.stack(ids, dim=1).tolist() if ids else [[] for _ in indices]
+            for index, row in zip(indices, rows):
+                text_ids = row[: row.index(eos)] if eos in row else row
+                results[index] = tokenizer.decode(text_ids)
         return results
 
 
