@@ -1,4 +1,5 @@
-"""ONNX export of the tower's view encoder (SAM -> compressor -> CLIP -> join -> projector) at a fixed view size.
+"""ONNX export of the tower's view encoder at a fixed view size: v1 (SAM -> compressor -> CLIP -> join -> projector)
+or DeepEncoder V2 (SAM -> compressor -> Qwen2 encoder with learned queries -> projector; modes `ocr2`, `ocr2-base`).
 
 `deepencoder export-onnx --weights DIR|random --mode base --out tower.onnx` writes a graph
 `pixel_values (batch, 3, S, S) -> image_embeds (batch, (S/64)**2, projector_dim)` with a dynamic batch axis and
@@ -21,20 +22,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import AutoModel
 
+from .configuration_deepencoder import DeepEncoderConfig
+from .configuration_deepencoder_v2 import DeepEncoderV2Config
 from .image_processing_deepencoder import RESOLUTION_MODES
 from .modeling_clip import resize_clip_pos
 from .modeling_deepencoder import DeepEncoderModel
+from .modeling_deepencoder_v2 import DeepEncoderV2Model
 from .modeling_sam import SamAttention, resize_abs_pos
 
 DEFAULT_OPSET = 18
+Tower = DeepEncoderModel | DeepEncoderV2Model
 
 
 class ViewEncoder(nn.Module):
     """`encode_views(...).image_embeds` as a module with one tensor in and one out.
     pixel_values: (B, 3, S, S) -> (B, (S/64)**2, projector_dim)."""
 
-    def __init__(self, model: DeepEncoderModel) -> None:
+    def __init__(self, model: Tower) -> None:
         super().__init__()
         self.model = model
 
@@ -42,7 +48,7 @@ class ViewEncoder(nn.Module):
         return self.model.encode_views(pixel_values).image_embeds
 
 
-def bake_view_size(model: DeepEncoderModel, size: int) -> DeepEncoderModel:
+def bake_view_size(model: Tower, size: int) -> Tower:
     """A copy of `model` whose position tables are pre-resized for `size` x `size` views (outputs unchanged)."""
     model = copy.deepcopy(model)
     sam_config = model.config.sam_config
@@ -61,14 +67,15 @@ def bake_view_size(model: DeepEncoderModel, size: int) -> DeepEncoderModel:
                     table = getattr(attention, name)
                     resized = F.interpolate(table.float().t()[None], size=2 * side - 1, mode="linear")[0].t()
                     setattr(attention, name, nn.Parameter(resized.to(table.dtype)))
-        tokens = size // sam_config.downsample
-        embedding = model.clip.embeddings.position_embedding
-        embedding.weight = nn.Parameter(resize_clip_pos(embedding.weight, tokens, tokens))
+        if getattr(model, "clip", None) is not None:  # v1; DeepEncoder V2's encoder has no position table
+            tokens = size // sam_config.downsample
+            embedding = model.clip.embeddings.position_embedding
+            embedding.weight = nn.Parameter(resize_clip_pos(embedding.weight, tokens, tokens))
     return model
 
 
 def export_onnx(
-    model: DeepEncoderModel,
+    model: Tower,
     path: str | Path,
     size: int,
     opset: int = DEFAULT_OPSET,
@@ -102,7 +109,7 @@ def export_onnx(
 
 
 def verify_onnx(
-    model: DeepEncoderModel, path: str | Path, size: int, batch: int = 2, seed: int = 0
+    model: Tower, path: str | Path, size: int, batch: int = 2, seed: int = 0
 ) -> tuple[float, tuple[int, ...]]:
     """Run the exported graph with onnxruntime (CPU) and PyTorch on the same random views; returns
     (max |onnx - torch| / max |torch|, output shape)."""
@@ -126,7 +133,7 @@ def verify_onnx(
 # ------------------------------------------------------------------ CLI
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "export-onnx", help="export the view encoder (SAM + CLIP + projector) to ONNX at a fixed mode"
+        "export-onnx", help="export the view encoder (SAM + CLIP or V2 encoder + projector) to ONNX at a fixed mode"
     )
     parser.add_argument("--weights", required=True, help="save_pretrained directory, or `random` (random weights)")
     parser.add_argument("--mode", default="base", choices=sorted(RESOLUTION_MODES), help="view size from the mode")
@@ -144,13 +151,12 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"error: mode {args.mode!r} has no tiles", file=sys.stderr)
         return 2
     size = mode.tile_size if args.tiles else mode.base_size
+    v2 = mode.layout == "queries"  # the mode's token layout names the tower (ocr2, ocr2-base: DeepEncoder V2)
     if args.weights == "random":
-        from .configuration_deepencoder import DeepEncoderConfig
-
         torch.manual_seed(0)
-        model = DeepEncoderModel(DeepEncoderConfig())
+        model = DeepEncoderV2Model(DeepEncoderV2Config()) if v2 else DeepEncoderModel(DeepEncoderConfig())
     else:
-        model = DeepEncoderModel.from_pretrained(args.weights)
+        model = AutoModel.from_pretrained(args.weights)
     model = model.float().eval()
     path = export_onnx(model, args.out, size, opset=args.opset)
     print(f"wrote {path} ({size} x {size} views, dynamic batch, opset {args.opset})")
