@@ -1,0 +1,172 @@
+"""DeepEncoder V2 against transformers' `DeepseekOcr2` vision path (SAM + encoder + Linear projector) on a 1024 px
+view and a 768 px tile: seconds per view, ratio, and the outputs compared, on shared random weights.
+
+    python -m benchmarks.tower_v2 [--rounds 3] [--threads 2] [--paths ours,ours-eager,transformers]
+
+One process, one allocator for every path (`deepencoder.runtime.configure_allocator`: tcmalloc when installed, set
+before anything is allocated; `DEEPENCODER_ALLOCATOR` overrides), the paths alternating view by view in every round
+after a warm-up of each, so a shared machine's drift slows all alike. The ratio uses each path's best round (median
+also printed). Results: benchmarks/results/tower-v2-cpu-fp32.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from deepencoder import DeepEncoderV2Config, DeepEncoderV2Model, runtime
+
+RESULTS = Path(__file__).parent / "results"
+VIEWS = {"1024 view": 1024, "768 tile": 768}
+
+
+def random_tower(seed: int = 0) -> DeepEncoderV2Model:
+    """The released architecture with seeded random weights on every tensor: norm weights around 1, the rest
+    N(0, 0.02) (zero-initialised tables such as rel-pos, pos-embed and biases included)."""
+    model = DeepEncoderV2Model(DeepEncoderV2Config()).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            is_norm = param.ndim == 1 and ("norm" in name or name.startswith(("sam.neck.1", "sam.neck.3")))
+            param.copy_(1 + 0.1 * noise if is_norm and name.endswith("weight") else 0.02 * noise)
+    return model
+
+
+def transformers_path(model: DeepEncoderV2Model):
+    """transformers' `DeepseekOcr2VisionModel` (SDPA) + a Linear projector with the same weights."""
+    from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import DeepseekOcr2VisionConfig
+    from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2VisionModel
+
+    from deepencoder.conversion.unlimited_ocr import to_unlimited_ocr_vision
+
+    sam, encoder = model.config.sam_config, model.config.encoder_config
+    config = DeepseekOcr2VisionConfig(
+        sam_config=dict(
+            hidden_size=sam.hidden_size, output_channels=sam.out_channels, num_hidden_layers=sam.num_hidden_layers,
+            num_attention_heads=sam.num_attention_heads, window_size=sam.window_size,
+            global_attn_indexes=list(sam.global_attn_indexes), mlp_dim=sam.mlp_dim,
+            downsample_channels=list(sam.compressor_channels),
+        ),
+        encoder_config=dict(
+            hidden_size=encoder.hidden_size, intermediate_size=encoder.intermediate_size,
+            num_hidden_layers=encoder.num_hidden_layers, num_attention_heads=encoder.num_attention_heads,
+            num_key_value_heads=encoder.num_key_value_heads, rms_norm_eps=encoder.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": encoder.rope_theta},
+        ),
+    )  # fmt: skip
+    config._attn_implementation = "sdpa"
+    vision = DeepseekOcr2VisionModel(config).eval()
+    state = model.state_dict()
+    weights = to_unlimited_ocr_vision({k: v for k, v in state.items() if k.startswith("sam.")})
+    for key, value in state.items():
+        if key.startswith("encoder.queries."):
+            size = {144: 768, 256: 1024}[int(key.rsplit(".", 1)[1])]
+            weights[f"query_{size}_resolution.weight"] = value
+        elif key.startswith("encoder."):
+            weights["vision_encoder." + key[len("encoder.") :]] = value
+    missing, unexpected = vision.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"transformers' port: missing {missing}, unexpected {unexpected}")
+    projector = torch.nn.Linear(model.projector.in_features, model.projector.out_features)
+    projector.load_state_dict(model.projector.state_dict())
+    return lambda pixels: projector(vision(pixels).last_hidden_state)
+
+
+def views_of(tower: DeepEncoderV2Model):
+    return lambda pixels: tower.encode_views(pixels).image_embeds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--paths", default="ours,transformers", help="ours, ours-eager, transformers")
+    args = parser.parse_args(argv)
+    allocator = runtime.configure_allocator()
+    torch.set_num_threads(args.threads)
+    model = random_tower()
+    paths = args.paths.split(",")
+    encoders = {}
+    for path in paths:
+        if path == "ours":
+            encoders[path] = views_of(model)
+        elif path == "ours-eager":
+            eager = DeepEncoderV2Model(model.config).eval()
+            eager.load_state_dict(model.state_dict())
+            eager.config.sam_config._attn_implementation = "eager"
+            eager.config.encoder_config._attn_implementation = "eager"
+            encoders[path] = views_of(eager)
+        elif path == "transformers":
+            encoders[path] = transformers_path(model)
+        else:
+            raise SystemExit(f"unknown path {path!r}")
+    generator = torch.Generator().manual_seed(1)
+    pixels = {name: torch.randn(1, 3, size, size, generator=generator) for name, size in VIEWS.items()}
+    times: dict[str, dict[str, list[float]]] = {view: {path: [] for path in encoders} for view in VIEWS}
+    outputs: dict[str, dict[str, torch.Tensor]] = {view: {} for view in VIEWS}
+    with torch.inference_mode():
+        for view in VIEWS:  # warm-up, and the outputs compared
+            for path, encode in encoders.items():
+                outputs[view][path] = encode(pixels[view])
+        for _ in range(args.rounds):
+            for view in VIEWS:
+                for path, encode in encoders.items():
+                    start = time.perf_counter()
+                    encode(pixels[view])
+                    times[view][path].append(time.perf_counter() - start)
+    record = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "torch": torch.__version__,
+        "allocator": allocator,
+        "rounds": args.rounds,
+        "views": {},
+    }
+    lines = [
+        f"DeepEncoder V2 vs transformers' DeepseekOcr2 vision path, CPU fp32, batch 1, allocator {allocator}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds",
+        "| view | path | best s | median s | vs ours (best) | rel. err vs transformers |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for view in VIEWS:
+        best = {path: min(values) for path, values in times[view].items()}
+        reference = outputs[view].get("transformers")
+        entries = {}
+        for path, values in times[view].items():
+            error = None
+            if reference is not None and path != "transformers":
+                actual, expected = outputs[view][path].double(), reference.double()
+                error = ((actual - expected).abs().max() / expected.abs().max()).item()
+            entries[path] = {
+                "seconds": values,
+                "best": best[path],
+                "median": statistics.median(values),
+                "rel_err": error,
+            }
+            ratio = best[path] / best["ours"] if "ours" in best else float("nan")
+            shown = f"{error:.1e}" if error is not None else ""
+            lines.append(
+                f"| {view} | {path} | {best[path]:.2f} | {statistics.median(values):.2f} | {ratio:.2f}x | {shown} |"
+            )
+        record["views"][view] = entries
+    for view in VIEWS:
+        if {"ours", "transformers"} <= set(times[view]):
+            ours, theirs = record["views"][view]["ours"], record["views"][view]["transformers"]
+            lines.append(
+                f"{view}: ours {ours['best']:.2f} s vs transformers {theirs['best']:.2f} s: "
+                f"{theirs['best'] / ours['best']:.2f}x (best), {theirs['median'] / ours['median']:.2f}x (median)"
+            )
+    print("\n".join(lines))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tower-v2-cpu-fp32.json").write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
