@@ -5,8 +5,8 @@ worker process killed mid-batch, resume, and a run refused while another holds t
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+import socket
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -16,7 +16,6 @@ import ray
 import torch
 from helpers import rel_err
 from pipeline_support import (
-    CLI_SIZE,
     REPO,
     CrashOnceLoader,
     comparable,
@@ -108,27 +107,30 @@ def test_killed_worker_loses_nothing_then_resume_writes_nothing(ray_session, dat
 
 
 def test_refused_while_another_run_holds_the_folder(ray_session, data, tmp_path):
-    """A local CLI run holds the folder: the Ray run is refused naming it; once it is done, the Ray run into the
-    same folder adds no row twice."""
+    """A local run holds the folder (in a thread of this process): the Ray run is refused naming it; once it is
+    done, the Ray run into the same folder adds no row twice."""
     root, weights, _, _ = data
     out = tmp_path / "out"
-    args = [str(root / "docs" / "memo.pdf"), "--weights", str(weights), "--out", str(out), "--batch-size", "1",
-            *CLI_SIZE, "--sleep-per-batch", "2"]  # fmt: skip
-    first = subprocess.Popen(
-        [sys.executable, "-m", "deepencoder", "encode", *args],
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    model = DeepEncoderModel.from_pretrained(weights).eval()
+    first: dict = {}
+    thread = threading.Thread(
+        target=lambda: first.update(
+            result=encode(
+                [root / "docs" / "memo.pdf"], out, model, processor(), batch_size=1, progress=False, sleep_per_batch=1.0
+            )
+        )
+    )
+    thread.start()  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and first.poll() is None and not (out / LOCK).exists():
-            time.sleep(0.05)
-        assert first.poll() is None, "the first run finished before the second started"
-        with pytest.raises(OutputLocked, match=f"pid {first.pid}"):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and thread.is_alive() and not (out / LOCK).exists():
+            time.sleep(0.01)
+        assert thread.is_alive(), "the first run finished before the second started"
+        with pytest.raises(OutputLocked, match=f"{socket.gethostname()}, pid {os.getpid()}"):
             encode_dataset([str(root / "docs")], out, str(weights), processor(), progress=False)
     finally:
-        _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-2000:]
+        thread.join()
+    assert first["result"].pages_ok == 2
     result = encode_dataset([str(root / "docs")], out, str(weights), processor(), batch_size=2, progress=False)
     assert result.pages_skipped == 2 and result.pages_ok == 5
     pages = Counter((r["document"], r["page"]) for r in read_rows(out / "manifest.jsonl"))

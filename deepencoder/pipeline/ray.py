@@ -275,43 +275,46 @@ def encode_dataset(
     if not ray.is_initialized():
         ray.init(address=address)
         started_ray = True
-    if num_gpus_per_worker is None:
-        num_gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     context = ray.data.DataContext.get_current()
+    progress_bars = context.enable_progress_bars
     context.enable_progress_bars = options.progress
-    folder.makedirs()
-    lock = writer.OutputLock(folder, stale_after_s=options.lock_stale_after).acquire()
     try:
-        if lock.warning:
-            print(f"warning: {lock.warning}", flush=True)
-        writer.clean_temp_files(folder)
-        writer.merge_manifests(folder)
-        documents = discover(inputs)
-        result = EncodeResult(out_dir=folder.display(), documents=len(documents))
-        driver = _Driver(folder, result, max_merges_in_flight)
-        started = time.perf_counter()
-        if documents:
-            work = PageWork(processor, options)
-            records = [{"source": d.source, "name": d.name, "kind": d.kind} for d in documents]
-            dataset = (
-                ray.data.from_items(records, override_num_blocks=min(len(records), 200))
-                .flat_map(_expand, fn_kwargs={"work": work, "folder": folder})
-                .map_batches(_prepare, fn_kwargs={"work": work}, batch_size=options.batch_size)
-                .map_batches(_Tower, fn_constructor_kwargs={"work": work, "loader": loader, "device": device,
-                                                            "dtype": dtype},
-                             batch_size=options.batch_size, compute=_compute(concurrency),
-                             num_gpus=num_gpus_per_worker, num_cpus=num_cpus_per_worker)
-                .map_batches(_write, fn_kwargs={"folder": folder}, batch_size=None)
-            )  # fmt: skip
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                driver.take(_unpack(batch))
-                if options.sleep_per_batch:
-                    time.sleep(options.sleep_per_batch)
-        driver.finish()
-        writer.merge_manifests(folder)
-        result.seconds = time.perf_counter() - started
+        if num_gpus_per_worker is None:
+            num_gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        folder.makedirs()
+        with writer.OutputLock(folder, stale_after_s=options.lock_stale_after) as lock:
+            if lock.warning:
+                print(f"warning: {lock.warning}", flush=True)
+            writer.clean_temp_files(folder)
+            writer.merge_manifests(folder)
+            documents = discover(inputs)
+            result = EncodeResult(out_dir=folder.display(), documents=len(documents))
+            driver = _Driver(folder, result, max_merges_in_flight)
+            started = time.perf_counter()
+            try:
+                if documents:
+                    work = PageWork(processor, options)
+                    records = [{"source": d.source, "name": d.name, "kind": d.kind} for d in documents]
+                    dataset = (
+                        ray.data.from_items(records, override_num_blocks=min(len(records), 200))
+                        .flat_map(_expand, fn_kwargs={"work": work, "folder": folder})
+                        .map_batches(_prepare, fn_kwargs={"work": work}, batch_size=options.batch_size)
+                        .map_batches(_Tower, fn_constructor_kwargs={"work": work, "loader": loader, "device": device,
+                                                                    "dtype": dtype},
+                                     batch_size=options.batch_size, compute=_compute(concurrency),
+                                     num_gpus=num_gpus_per_worker, num_cpus=num_cpus_per_worker)
+                        .map_batches(_write, fn_kwargs={"folder": folder}, batch_size=None)
+                    )  # fmt: skip
+                    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                        driver.take(_unpack(batch))
+                        if options.sleep_per_batch:
+                            time.sleep(options.sleep_per_batch)
+            finally:
+                driver.finish()
+            writer.merge_manifests(folder)
+            result.seconds = time.perf_counter() - started
     finally:
-        lock.release()
+        context.enable_progress_bars = progress_bars
         if started_ray:
             ray.shutdown()
     return result
