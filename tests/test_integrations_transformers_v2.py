@@ -165,3 +165,48 @@ def test_v2_token_counts_match_what_transformers_lays_out(backend):
     said = [helper.get_number_of_image_patches(h, w) for w, h in SWEEP_V2]
     assert said[0] == 7 and made[0] == 1  # 600 x 400: no side above 768, yet counted as 2 x 3 tiles
     assert said[5] == 5 and made[5] == 7  # 1600 x 1280: tie broken against 1024 px instead of 768 px
+
+
+@pytest.mark.slow
+def test_v2_full_size_vision_generates_the_same_tokens_attached():
+    """DeepSeek-OCR-2's full-size vision (SAM ViT-B + the Qwen2-0.5B encoder, random weights), tiny random language
+    model: one page through transformers' processor, untiled, with a 768 px global view (144 queries), greedy
+    `generate` with the stock vision path and attached; prefill logits over every position from the language
+    model's prefill hidden states of that same call. (A 1024 px view with tiles costs several times more on a CPU;
+    tiled layouts are covered above with the real view sizes on a narrow trunk.)"""
+    tokenizer = local_tokenizer()
+    config = DeepseekOcr2Config(
+        vision_config={"encoder_config": QWEN2_0_5B},
+        text_config={**TINY_TEXT, "vocab_size": len(tokenizer)},
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(0)
+    model = DeepseekOcr2ForConditionalGeneration(config).eval()
+    for part in (model.model.vision_tower, model.model.multi_modal_projector):
+        randomize_(part, seed=0, std=0.02)
+    # a 768 px global view: `size` 768 (with `crop_to_patches=False` transformers' processor makes a 768 px view but
+    # writes the prompt for `size`, 1024 px: 257 placeholders for 145 features, and its own forward raises)
+    image_processor = DeepseekOcr2ImageProcessor(size={"height": 768, "width": 768})
+    processor = DeepseekOcr2Processor(image_processor=image_processor, tokenizer=tokenizer)
+    page = noise_page(700, 500, seed=3)
+    inputs = processor(images=[page], text=["<image>\nFree OCR ."], return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape[-2:]) == (768, 768) and "pixel_values_local" not in inputs
+
+    prefill = []
+    model.model.language_model.register_forward_hook(
+        lambda module, args, output: (
+            prefill.append(output.last_hidden_state) if output.last_hidden_state.shape[1] > 1 else None
+        )
+    )
+    settings = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, eos_token_id=None)
+    with torch.no_grad():
+        stock_ids = model.generate(**inputs, **settings)
+        tower = attach(model)
+        ran = []
+        tower.encoder.norm.register_forward_hook(lambda *args: ran.append(1))
+        ours_ids = model.generate(**inputs, **settings)
+        detach(model)
+        stock_logits, ours_logits = (model.lm_head(hidden) for hidden in prefill)
+    assert len(prefill) == 2 and ran == [1]
+    assert torch.equal(ours_ids, stock_ids)
+    assert rel_err(ours_logits, stock_logits) < 1e-4
