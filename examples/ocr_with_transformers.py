@@ -1,16 +1,19 @@
-"""Page -> text with transformers' DeepSeek-OCR model and this library's tower as its vision engine.
+"""Page -> text with transformers' DeepSeek-OCR models and this library's tower as their vision engine.
 
-transformers loads the checkpoint (`UnlimitedOcrForConditionalGeneration` + its processor) as usual;
-`deepencoder.integrations.attach(model)` then routes the image features through `DeepEncoderModel` built on the
-model's own weights (nothing copied or loaded twice). The processor's inputs and `generate` are unchanged.
+transformers loads the checkpoint (`UnlimitedOcrForConditionalGeneration` for DeepSeek-OCR's architecture,
+`DeepseekOcr2ForConditionalGeneration` for DeepSeek-OCR-2, with its processor) as usual;
+`deepencoder.integrations.attach(model)` then routes the image features through `DeepEncoderModel` (or
+`DeepEncoderV2Model`) built on the model's own weights (nothing copied or loaded twice). The processor's inputs and
+`generate` are unchanged.
 
     python examples/ocr_with_transformers.py page.png --model baidu/Unlimited-OCR        # hub id or local directory
     python examples/ocr_with_transformers.py scan1.png scan2.jpg --model /ckpt/Unlimited-OCR --dtype bf16 --device cuda
     python examples/ocr_with_transformers.py page.png --model /ckpt/Unlimited-OCR --compare   # also the stock path
 
-`--compare` runs transformers' own vision path too and prints whether the generated token ids are identical and
-both run times. `--prompt` is the user message after the image (`document parsing.` by default; Unlimited-OCR's
-card also uses `Free OCR.`).
+`--compare` runs transformers' own vision path too and prints whether the generated token ids are identical and both
+run times. `--prompt` is the user message after the image (`document parsing.` by default; Unlimited-OCR's card also
+uses `Free OCR.`). The process runs under the fastest allocator installed (`deepencoder.runtime.configure_allocator`;
+`DEEPENCODER_ALLOCATOR=system` keeps yours).
 """
 
 from __future__ import annotations
@@ -98,4 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, list[PageResult]]:
 
 
 if __name__ == "__main__":
+    from deepencoder.runtime import configure_allocator
+
+    configure_allocator()  # process-level tuning belongs to entry points (may re-execute this command once)
     main()

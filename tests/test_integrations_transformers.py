@@ -308,16 +308,22 @@ def test_token_counts_match_unlimited_ocr_default_processor():
 
 
 # ------------------------------------------------------------------------------------------------ example script
+def load_example(monkeypatch):
+    """examples/ocr_with_transformers.py as a module (its `main` is called in-process)."""
+    spec = importlib.util.spec_from_file_location("ocr_example", ROOT / "examples" / "ocr_with_transformers.py")
+    example = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, example)  # its dataclasses look their module up
+    spec.loader.exec_module(example)
+    return example
+
+
 def test_example_transcribes_with_the_tower_attached(tiny, tmp_path, capsys, monkeypatch):
     model, _ = tiny
     model.save_pretrained(tmp_path / "ckpt")
     local_processor(384, 256).save_pretrained(tmp_path / "ckpt")
     page = tmp_path / "page.png"
     noise_page(*PAGES[1], seed=1).save(page)
-    spec = importlib.util.spec_from_file_location("ocr_example", ROOT / "examples" / "ocr_with_transformers.py")
-    example = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, example)  # its dataclasses look their module up
-    spec.loader.exec_module(example)
+    example = load_example(monkeypatch)
     args = [str(page), "--model", str(tmp_path / "ckpt"), "--max-new-tokens", "6", "--compare", "--device", "cpu"]
     runs = example.main(args)
     ours, stock = runs["deepencoder"][0], runs["transformers"][0]

@@ -9,7 +9,7 @@ import torch
 from helpers import randomize_, rel_err
 from PIL import Image
 from safetensors.torch import load_file
-from test_integrations_transformers import TINY_TEXT, local_tokenizer, noise_page
+from test_integrations_transformers import CHAT_TEMPLATE, TINY_TEXT, load_example, local_tokenizer, noise_page
 from transformers import (
     DeepseekOcr2Config,
     DeepseekOcr2ForConditionalGeneration,
@@ -210,3 +210,19 @@ def test_v2_full_size_vision_generates_the_same_tokens_attached():
     assert len(prefill) == 2 and ran == [1]
     assert torch.equal(ours_ids, stock_ids)
     assert rel_err(ours_logits, stock_logits) < 1e-4
+
+
+def test_v2_example_transcribes_with_the_tower_attached(tiny_v2, tmp_path, monkeypatch, capsys):
+    model, _ = tiny_v2
+    model.save_pretrained(tmp_path / "ckpt")
+    processor = DeepseekOcr2Processor(
+        image_processor=DeepseekOcr2ImageProcessor(), tokenizer=local_tokenizer(), chat_template=CHAT_TEMPLATE
+    )
+    processor.save_pretrained(tmp_path / "ckpt")
+    page = tmp_path / "page.png"
+    noise_page(*PAGES_V2[1], seed=1).save(page)
+    example = load_example(monkeypatch)
+    args = [str(page), "--model", str(tmp_path / "ckpt"), "--max-new-tokens", "4", "--compare", "--device", "cpu"]
+    runs = example.main(args)
+    assert runs["deepencoder"][0].token_ids == runs["transformers"][0].token_ids
+    assert "identical token ids" in capsys.readouterr().out
