@@ -1,10 +1,13 @@
 """OCR fine-tuning: the DeepEncoder tower's tokens feed a causal LM through `inputs_embeds`; loss on the text.
 
-    .venv/bin/python examples/finetune_ocr.py --config examples/configs/finetune_ocr_tiny.yaml
+    .venv/bin/python examples/finetune_ocr.py --config examples/configs/finetune_ocr_reads.yaml
+    .venv/bin/python examples/finetune_ocr.py --config examples/configs/finetune_ocr_reads.yaml --set train.output_dir=DIR
     .venv/bin/python examples/finetune_ocr.py --config examples/configs/finetune_ocr_tiny.yaml --set train.max_steps=20
     accelerate launch --num_processes 2 examples/finetune_ocr.py --config examples/configs/finetune_ocr_tiny.yaml
 
-Writes to `train.output_dir`: loss_curve.png, loss.jsonl, samples.txt, tower/ (+ tower_adapter/ with LoRA),
+Writes to `train.output_dir`: loss_curve.png (with the held-out CER beside the loss), loss.jsonl, eval.jsonl
+(held-out target / output / page-blind output per page), eval.json (CER, exact match, control CER, distinct
+outputs), evals.jsonl (the rates every `eval.every` steps), samples.txt, tower/ (+ tower_adapter/ with LoRA),
 language_model/, checkpoints/ (resumed automatically with `train.resume: auto`).
 """
 

@@ -191,12 +191,21 @@ def test_folder_and_manifest_loaders(tmp_path):
             "error": "unreadable",
         },
     ]
-    (run / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # page 1 failed in a first run and was retried: the pipeline's reader keeps the last row of a page
+    retried = {**rows[1], "status": "error", "error": "timeout", "output": None, "key": None}
+    (run / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [retried, *rows]))
     (run / "texts.jsonl").write_text(json.dumps({"source": "doc.pdf", "page": 1, "text": "second page"}) + "\n")
     (run / "doc.page0.txt").write_text("first page")
     manifest = ManifestTokens(run / "manifest.jsonl", run / "texts.jsonl")
     assert [manifest[i]["text"] for i in range(2)] == ["first page", "second page"]
     assert manifest[1]["image_embeds"].shape == (13, 80)
+    # a rank part of an unfinished multi-process run is read too, after manifest.jsonl
+    save_file({"page.0": torch.randn(5, 80)}, str(run / "more.safetensors"))
+    part = {**rows[0], "source": "more.png", "output": "more.safetensors", "tokens": 5, "text": "third page"}
+    (run / "manifest.rank1.jsonl").write_text(json.dumps(part) + "\n")
+    manifest = ManifestTokens(run, run / "texts.jsonl")
+    assert [manifest[i]["text"] for i in range(3)] == ["first page", "second page", "third page"]
+    assert manifest[2]["image_embeds"].shape == (5, 80)
 
     config = _ocr_config(
         tmp_path, 3, kind="manifest", manifest=str(run / "manifest.jsonl"), texts=str(run / "texts.jsonl")

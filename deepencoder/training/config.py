@@ -76,6 +76,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     resume: str = "auto"
+    shuffle: bool = True  # a new random order each epoch; False: index order (a synthetic curriculum needs it)
     progress: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -116,7 +117,9 @@ class DataSettings:
 
     Synthetic text: `vocabulary` `words` (the built-in English word list) or `random` (strings of `alphabet`
     characters, lengths in `word_length`); a fraction `numbers` of the words are numbers (1 to `word_length[1]`
-    digits). `margin`: (min, max) px of the random offset of the text block from the top-left corner."""
+    digits). `margin`: (min, max) px of the random offset of the text block from the top-left corner.
+    `curriculum`: pages over which the text grows, in index order, from one line of one word of `word_length[0]`
+    characters to the full ranges (0: off; needs `train.shuffle: false`)."""
 
     kind: str = "synthetic"
     num_samples: int = 64
@@ -130,6 +133,7 @@ class DataSettings:
     word_length: tuple[int, int] = (2, 6)
     numbers: float = 0.0
     margin: tuple[int, int] = (8, 8)
+    curriculum: int = 0
     seed: int = 0
     root: str | None = None
     manifest: str | None = None

@@ -77,7 +77,8 @@ class SyntheticPages(Dataset):
         lines: (min, max) number of lines per page.
         words_per_line: (min, max) words per line.
         font_size: (min, max) font size in px.
-        words: vocabulary to draw from (`WORDS` by default), used when `vocabulary` is `words`.
+        words: vocabulary to draw from (`WORDS` by default; those of `word_length` characters), used when
+            `vocabulary` is `words`.
         font: TrueType font path or name; Pillow's default font when None.
         vocabulary: `words` (draw from `words`) or `random` (strings of `alphabet` characters).
         alphabet: characters of `random` words.
@@ -85,6 +86,9 @@ class SyntheticPages(Dataset):
         numbers: probability that a word is a number instead (1 to `word_length[1]` digits, no leading zero).
         margin: (min, max) px offset of the text block from the top-left corner, drawn per page (both axes).
         exclude: words never drawn (redrawn instead): keeps a held-out set's words out of training pages.
+        curriculum: pages over which the text grows with the index: page i uses the fraction f = i / curriculum
+            of each range above its minimum (lines, words per line, word length / digits), so page 0 is one line of
+            one shortest word and pages from `curriculum` on use the full ranges. 0: off.
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class SyntheticPages(Dataset):
         numbers: float = 0.0,
         margin: tuple[int, int] | Sequence[int] = (8, 8),
         exclude: Iterable[str] = (),
+        curriculum: int = 0,
     ) -> None:
         if vocabulary not in ("words", "random"):
             raise ValueError(f"unknown vocabulary {vocabulary!r}; choose words | random")
@@ -115,30 +120,40 @@ class SyntheticPages(Dataset):
         self.vocabulary, self.alphabet = vocabulary, alphabet
         self.word_length, self.numbers, self.margin = tuple(word_length), float(numbers), tuple(margin)
         self.exclude = frozenset(exclude)
+        self.curriculum = curriculum
         if vocabulary == "words" and self.numbers < 1 and not set(self.words) - self.exclude:
             raise ValueError("every word of the vocabulary is excluded")
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def _word(self, rng: random.Random) -> str:
+    def _word(self, rng: random.Random, longest: int) -> str:
+        words = [w for w in self.words if self.word_length[0] <= len(w) <= longest]
         for _ in range(1000):
             if self.numbers and rng.random() < self.numbers:
-                digits = rng.randint(1, self.word_length[1])
+                digits = rng.randint(1, longest)
                 word = str(rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10**digits - 1))
             elif self.vocabulary == "words":
-                word = rng.choice(self.words)
+                word = rng.choice(words or [min(self.words, key=len)])
             else:
-                word = "".join(rng.choice(self.alphabet) for _ in range(rng.randint(*self.word_length)))
+                word = "".join(rng.choice(self.alphabet) for _ in range(rng.randint(self.word_length[0], longest)))
             if word not in self.exclude:
                 return word
         raise ValueError("could not draw a word outside `exclude` in 1000 tries")
 
     def text(self, index: int) -> str:
         rng = random.Random(self.seed * 1_000_003 + index)
+        f = min(1.0, index / self.curriculum) if self.curriculum else 1.0
+
+        def upto(bounds: tuple[int, int]) -> int:
+            return round(bounds[0] + f * (bounds[1] - bounds[0]))
+
+        longest = upto(self.word_length)
         return "\n".join(
-            " ".join(self._word(rng) for _ in range(rng.randint(*self.words_per_line)))
-            for _ in range(rng.randint(*self.lines))
+            " ".join(
+                self._word(rng, longest) for _ in range(rng.randint(self.words_per_line[0], upto(self.words_per_line)))
+            )
+            for _ in range(rng.randint(self.lines[0], upto(self.lines)))
         )
 
     def __getitem__(self, index: int) -> dict:
@@ -272,6 +287,7 @@ def dataset_from_settings(data, exclude: Iterable[str] = ()) -> Dataset:
             numbers=data.numbers,
             margin=data.margin,
             exclude=exclude,
+            curriculum=data.curriculum,
         )
     return build_dataset(data.kind, root=data.root, manifest=data.manifest, texts=data.texts)
 

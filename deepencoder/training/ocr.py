@@ -112,14 +112,15 @@ def ocr_loss(model: nn.Module, batch: dict) -> torch.Tensor:
 
 def held_out_settings(config: OcrFinetuneConfig):
     """The `DataSettings` of the held-out set: the run's data with `eval.data` applied (a synthetic set with no
-    `seed` given takes the training seed + 1)."""
+    `seed` given takes the training seed + 1, and no curriculum)."""
     overrides = dict(config.eval.data)
     known = {f.name for f in dataclasses.fields(config.data)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"eval.data: unknown key(s) {unknown}; known: {sorted(known)}")
-    if "seed" not in overrides and overrides.get("kind", config.data.kind) == "synthetic":
-        overrides["seed"] = config.data.seed + 1
+    if overrides.get("kind", config.data.kind) == "synthetic":
+        overrides.setdefault("seed", config.data.seed + 1)
+        overrides.setdefault("curriculum", 0)  # held-out pages span the full ranges
     for key, value in overrides.items():
         if isinstance(getattr(config.data, key), tuple) and value is not None:
             overrides[key] = tuple(value)
@@ -153,6 +154,8 @@ def build_ocr_run(config: OcrFinetuneConfig, exclude: set[str] | frozenset[str] 
     """(OcrVisionLanguageModel, dataset, collate, tokenizer, processor) for a config. `exclude`: words kept out of
     synthetic training pages (the held-out set's)."""
     data = config.data
+    if data.kind == "synthetic" and data.curriculum and config.train.shuffle:
+        raise ValueError("data.curriculum grows the pages in index order: set train.shuffle: false")
     torch.manual_seed(config.train.seed)
     dataset = dataset_from_settings(data, exclude=exclude)
     language_model, tokenizer = build_language_model(config.language_model)

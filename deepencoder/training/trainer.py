@@ -81,8 +81,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, max_s
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def sample_order(num_samples: int, seed: int, start: int, count: int) -> list[int]:
-    """Dataset indices at global stream positions [start, start + count)."""
+def sample_order(num_samples: int, seed: int, start: int, count: int, shuffle: bool = True) -> list[int]:
+    """Dataset indices at global stream positions [start, start + count) (in index order when not `shuffle`)."""
+    if not shuffle:
+        return [position % num_samples for position in range(start, start + count)]
     out, cache = [], {}
     for position in range(start, start + count):
         epoch = position // num_samples
@@ -268,7 +270,7 @@ class Trainer:
     def batch(self, step: int) -> dict:
         start = step * self.config.batch_size + self.accelerator.process_index * self.local_batch
         positions = list(range(start, start + self.local_batch))
-        indices = sample_order(len(self.dataset), self.config.seed, start, self.local_batch)
+        indices = sample_order(len(self.dataset), self.config.seed, start, self.local_batch, self.config.shuffle)
         batch = self.collate([self.dataset[i] for i in indices], positions)
         device = self.accelerator.device
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
