@@ -20,7 +20,7 @@ from transformers import (
 from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
 
 from deepencoder import DeepEncoderImageProcessor
-from deepencoder.integrations import attach, detach, from_transformers, is_attached
+from deepencoder.integrations import attach, detach, from_transformers, image_processor_from_transformers, is_attached
 from deepencoder.modeling_deepencoder_v2 import DeepEncoderV2Model
 
 # real view sizes (1024 px global view, 768 px tiles: the query tables are 256 and 144), a narrow trunk
@@ -161,6 +161,9 @@ def test_v2_token_counts_match_what_transformers_lays_out(backend):
     counts = [page.shape[0] for page in model.get_image_features(**meta).pooler_output]
     ours = DeepEncoderImageProcessor(mode="ocr2")
     assert [ours.num_image_tokens(w, h) for w, h in SWEEP_V2] == counts
+    matched = image_processor_from_transformers(backend())
+    assert matched.mode == "ocr2"
+    assert [matched.num_image_tokens(w, h) for w, h in SWEEP_V2] == counts
     helper = DeepseekOcr2ImageProcessorPil()
     said = [helper.get_number_of_image_patches(h, w) for w, h in SWEEP_V2]
     assert said[0] == 7 and made[0] == 1  # 600 x 400: no side above 768, yet counted as 2 x 3 tiles

@@ -436,20 +436,23 @@ def from_transformers(model: nn.Module) -> DeepEncoderModel | DeepEncoderV2Model
 
 
 def image_processor_from_transformers(image_processor: Any) -> DeepEncoderImageProcessor:
-    """The `DeepEncoderImageProcessor` that plans pages as transformers' `UnlimitedOcrImageProcessor` does (same
-    global view, same tile grid, same token count), from that processor's settings."""
+    """The `DeepEncoderImageProcessor` that plans pages as a transformers image processor of these models does (same
+    global view size, same tile grid, same token count), from that processor's settings: `UnlimitedOcrImageProcessor`
+    -> a v1 mode, `DeepseekOcr2ImageProcessor` (either backend) -> `ocr2` / `ocr2-base`."""
     size = max(image_processor.size["height"], image_processor.size["width"])
     tile = image_processor.tile_size
-    if image_processor.crop_to_patches:
+    crop = image_processor.crop_to_patches
+    bounds = dict(min_crops=image_processor.min_patches, max_crops=image_processor.max_patches)
+    if type(image_processor).__name__.startswith("DeepseekOcr2"):
+        if crop:
+            return DeepEncoderImageProcessor(
+                mode="ocr2", base_size=image_processor.size["height"], tile_size=tile, **bounds
+            )
+        # without tiles transformers makes the global view at the tile size
+        return DeepEncoderImageProcessor(mode="ocr2-base", base_size=tile)
+    if crop:
         modes = [name for name in ("gundam", "gundam-m") if _mode_sizes(name) == (size, tile)]
-        mode = modes[0] if modes else "gundam"
-        return DeepEncoderImageProcessor(
-            mode=mode,
-            base_size=size,
-            tile_size=tile,
-            min_crops=image_processor.min_patches,
-            max_crops=image_processor.max_patches,
-        )
+        return DeepEncoderImageProcessor(mode=modes[0] if modes else "gundam", base_size=size, tile_size=tile, **bounds)
     if size <= image_processor.maximum_pad_value:  # stretched to a square
         modes = [name for name in ("tiny", "small") if _mode_sizes(name)[0] == size]
         return DeepEncoderImageProcessor(mode=modes[0] if modes else "small", base_size=size)
