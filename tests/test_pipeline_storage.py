@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -103,15 +104,15 @@ def test_rows_name_the_tower_and_dtype_spellings(tmp_path, tiny):
 
 
 def test_two_runs_into_one_folder(tmp_path, tiny):
-    """The same command started twice: the second refuses at once naming the first (host, pid); the first
-    finishes alone; no page has two rows."""
+    """The same command started twice: the second refuses at once naming the first (host, pid) and writes nothing;
+    the first, interrupted (Ctrl-C), releases the folder; the command run again finishes; no page has two rows."""
     weights, _ = tiny
     make_documents(tmp_path / "in")
     out = tmp_path / "out"
     args = [str(tmp_path / "in" / "book.pdf"), "--weights", str(weights), "--out", str(out), "--batch-size", "1",
             *CLI_SIZE]  # fmt: skip
-    first = subprocess.Popen(  # 3 pages, 3 s after each: the second run starts well before the first ends
-        [sys.executable, "-m", "deepencoder", "encode", *args, "--sleep-per-batch", "3"],
+    first = subprocess.Popen(  # 60 s after each page: still running whatever the machine's load
+        [sys.executable, "-m", "deepencoder", "encode", *args, "--sleep-per-batch", "60"],
         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -119,19 +120,27 @@ def test_two_runs_into_one_folder(tmp_path, tiny):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and first.poll() is None and not read_rows(out / "manifest.jsonl"):
             time.sleep(0.05)
-        assert first.poll() is None, "the first run finished before the second started"
+        assert first.poll() is None and len(read_rows(out / "manifest.jsonl")) == 1
         second = cli(args)
         assert second.returncode == 2
         message = second.stderr.strip().splitlines()[-1]
         assert message.startswith("error:") and f"pid {first.pid}" in message and socket.gethostname() in message
         assert "being written by another" in message
+        assert len(read_rows(out / "manifest.jsonl")) == 1  # the second run wrote nothing
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
     finally:
-        _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-2000:]
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 130 and "interrupted" in err
+    assert not (out / LOCK).exists()  # released on the way out
+    again = cli(args)
+    assert again.returncode == 0, again.stderr[-2000:]
     rows = read_rows(out / "manifest.jsonl")
     pages = Counter((r["document"], r["page"]) for r in rows)
     assert len(pages) == 3 and set(pages.values()) == {1}
-    assert not (out / LOCK).exists()  # released
+    assert not (out / LOCK).exists()
 
 
 def test_stale_locks_are_taken_over(tmp_path):

@@ -37,7 +37,16 @@ from PIL import Image
 from ..dtypes import parse_dtype
 from ..image_processing_deepencoder import DeepEncoderImageProcessor
 from . import writer
-from .runner import EncodeOptions, EncodeResult, PageFailure, PageInput, PageWork, resolve_options, tower_name
+from .runner import (
+    EncodeOptions,
+    EncodeResult,
+    PageFailure,
+    PageInput,
+    PageWork,
+    pause,
+    resolve_options,
+    tower_name,
+)
 from .sources import Document, PageReader, discover
 
 
@@ -308,7 +317,7 @@ def encode_dataset(
                     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                         driver.take(_unpack(batch))
                         if options.sleep_per_batch:
-                            time.sleep(options.sleep_per_batch)
+                            pause(options.sleep_per_batch)
             finally:
                 driver.finish()
             writer.merge_manifests(folder)

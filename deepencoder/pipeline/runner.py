@@ -155,6 +155,13 @@ def shard(documents: Sequence[Document], rank: int, world_size: int) -> list[Doc
     return list(documents[rank::world_size])
 
 
+def pause(seconds: float) -> None:
+    """Sleep in short slices, so a Ctrl-C (delivered to whichever thread the kernel picks) interrupts it promptly."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, 0.1))
+
+
 def tower_name(model: torch.nn.Module) -> str:
     """The tower a model is, as manifest rows name it: its config's `model_type` (`deepencoder`, ...)."""
     return getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
@@ -388,7 +395,7 @@ class _Encoder:
             refresh=False,
         )
         if self.options.sleep_per_batch:
-            time.sleep(self.options.sleep_per_batch)
+            pause(self.options.sleep_per_batch)
 
     def run(self, documents: list[Document]) -> EncodeResult:
         from tqdm.auto import tqdm
