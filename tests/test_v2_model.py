@@ -25,8 +25,9 @@ def model_and_reference():
     return model, reference, projector
 
 
-@pytest.mark.parametrize("size, queries", [(1024, 256), (768, 144)])
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "size, queries, implementation", [(1024, 256, "sdpa"), (768, 144, "sdpa"), (768, 144, "eager")]
+)
 def test_views_match_transformers_port(model_and_reference, size, queries, implementation):
     model, reference, projector = model_and_reference
     model.config.encoder_config._attn_implementation = implementation
@@ -109,23 +110,22 @@ def test_mixed_attention_kernels_agree():
 def test_batched_pages_equal_single_pages():
     model = tiny_v2(seed=3)
     generator = torch.Generator().manual_seed(2)
-    globals_ = torch.randn(3, 3, 1024, 1024, generator=generator)
-    tiles = torch.randn(5, 3, 768, 768, generator=generator)
-    grids = [(3, 1), (1, 1), (1, 2)]
+    globals_ = torch.randn(2, 3, 1024, 1024, generator=generator)
+    tiles = torch.randn(2, 3, 768, 768, generator=generator)
+    grids = [(2, 1), (1, 1)]
     with torch.inference_mode():
         batched = model(globals_, pixel_values_tiles=tiles, tile_grids=grids, output_pre_projector=True)
         singles = [
-            model(globals_[0:1], pixel_values_tiles=tiles[0:3], tile_grids=[grids[0]]),
+            model(globals_[0:1], pixel_values_tiles=tiles, tile_grids=[grids[0]]),
             model(globals_[1:2], tile_grids=[grids[1]]),
-            model(globals_[2:3], pixel_values_tiles=tiles[3:5], tile_grids=[grids[2]]),
         ]
     for page, single in zip(batched.image_embeds, singles):
         assert rel_err(page, single.image_embeds[0]) <= 1e-5
-    counts = [3 * 144 + 257, 257, 2 * 144 + 257]
+    counts = [2 * 144 + 257, 257]
     assert [p.shape[0] for p in batched.image_embeds] == counts
     assert [p.shape for p in batched.pre_projector] == [(c - 1, 64) for c in counts]
     assert torch.equal(batched.image_embeds[1][-1], model.view_separator.detach())
-    with pytest.raises(ValueError, match="asks for 5 tiles"):
+    with pytest.raises(ValueError, match="asks for 2 tiles"):
         model(globals_, tile_grids=grids)
 
 
