@@ -105,6 +105,14 @@ def prepare_rate(inputs: Path, mode: str = "gundam") -> tuple[float, float]:
         reader.close()
 
 
+def page_seconds(out: Path) -> float:
+    """Sum over pages of the manifest's `seconds` (preparing the page + its share of the tower batch): the per-page
+    work, without the run's fixed costs."""
+    from deepencoder.pipeline import load_manifest
+
+    return sum(row["seconds"] for row in load_manifest(out))
+
+
 def max_difference(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
@@ -142,10 +150,12 @@ def main() -> None:
         env = {k: child[k] for k in ("LD_PRELOAD", "GLIBC_TUNABLES", runtime.ENV_CHOICE) if k in child}
         ray.init(num_cpus=2 * cores, include_dashboard=False, runtime_env={"env_vars": env})
         ray_start = time.perf_counter() - start
-        local_s, ray_s = [], []
+        local_s, ray_s, local_page_s, ray_page_s = [], [], [], []
         for repeat in range(args.repeats):
             local_s.append(run_local(args, work / "weights", work / "in", work / f"local{repeat}"))
             ray_s.append(run_ray(args, work / "weights", work / "in", work / f"ray{repeat}"))
+            local_page_s.append(page_seconds(work / f"local{repeat}"))
+            ray_page_s.append(page_seconds(work / f"ray{repeat}"))
             print(f"repeat {repeat}: local {local_s[-1]:.1f} s, ray {ray_s[-1]:.1f} s", flush=True)
         ray.shutdown()
         difference = max_difference(work / "local0", work / "ray0")
@@ -174,6 +184,9 @@ def main() -> None:
         "warm_ray_pages_per_s": round(args.pages / warm_ray, 3),
         "warm_ray_over_local_throughput": round(warm_local / warm_ray, 3),
         "warm_ray_overhead_s": round(warm_ray - warm_local, 2),
+        # per-page work (prepare + tower share) summed over pages, from the manifests: what is not fixed cost
+        "local_page_seconds": [round(s, 2) for s in local_page_s],
+        "ray_page_seconds": [round(s, 2) for s in ray_page_s],
         "max_abs_difference": difference,
         "gundam_prepare_pages_per_s_per_core": round(prepare_per_core, 2),
         "gundam_tokens_per_page": round(gundam_tokens, 1),

@@ -134,6 +134,23 @@ def _concurrency(text: str) -> int | tuple[int, int]:
     return (int(low), int(high)) if high else int(low)
 
 
+def _weights_error(error: BaseException | None) -> str | None:
+    """The WeightsError message behind an exception Ray raised on the driver: a worker's exception kept as `cause`,
+    or (an actor that died in its constructor) only as text in Ray's message."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, WeightsError) and not isinstance(getattr(error, "cause", None), BaseException):
+            return str(error)
+        marker = f"{WeightsError.__name__}: "
+        lines = [line for line in str(error).splitlines() if marker in line]
+        if lines:
+            return lines[-1].split(marker, 1)[1].strip()
+        cause = getattr(error, "cause", None)
+        error = cause if isinstance(cause, BaseException) else error.__cause__
+    return None
+
+
 def run_ray(args: argparse.Namespace) -> int:
     from .ray import encode_dataset
 
@@ -166,6 +183,12 @@ def run_ray(args: argparse.Namespace) -> int:
         )
     except (OutputLocked, ValueError, ImportError) as error:
         say(f"error: {error}")
+        return 2
+    except Exception as error:
+        cause = _weights_error(error)
+        if cause is None:
+            raise
+        say(f"error: {cause}")  # an actor could not load --weights: one sentence, not Ray's traceback
         return 2
     say(result.summary())
     return 0 if result.ok else 1

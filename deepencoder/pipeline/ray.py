@@ -1,8 +1,8 @@
 """`deepencoder encode --engine ray`: the same work as the local runner on a Ray cluster, with Ray Data.
 
     from deepencoder.pipeline.ray import encode_dataset
-    encode_dataset(["s3://bucket/pdfs/"], "s3://bucket/runs/pdfs", weights="/models/DeepSeek-OCR", mode="gundam",
-                   num_gpus_per_worker=1, concurrency=8, batch_size=16, compute_dtype="bf16")
+    encode_dataset(["s3://bucket/pdfs/"], "s3://bucket/runs/pdfs", weights="/models/DeepSeek-OCR",
+                   processor="gundam", num_gpus_per_worker=1, concurrency=8, batch_size=16, compute_dtype="bf16")
 
 The stages (a Ray Data streaming pipeline; every stage overlaps with the others, memory is bounded by Ray Data's
 backpressure, failed tasks are retried by Ray):
