@@ -217,3 +217,35 @@ def test_short_run_reads_held_out_pages(tmp_path):
     assert metrics["cer_shuffled"] >= 1.6 * metrics["cer"], metrics
     assert [row["step"] for row in trainer.evals] == [140, 280]
     assert (out / "evals.jsonl").is_file() and (out / "loss_curve.png").is_file()
+
+
+def test_synthetic_curriculum_exclude_and_held_out_settings(tmp_path):
+    pages = SyntheticPages(
+        num_samples=400,
+        lines=(1, 3),
+        words_per_line=(1, 3),
+        vocabulary="random",
+        alphabet="ab",
+        word_length=(1, 5),
+        curriculum=200,
+        exclude={"ab", "ba"},
+    )
+    assert all(len(pages.text(i)) == 1 for i in range(3))  # one word of one character at the start
+    late = [pages.text(i) for i in range(200, 400)]
+    assert max(t.count("\n") for t in late) == 2 and max(len(w) for t in late for w in t.split()) == 5
+    assert not {"ab", "ba"} & {w for i in range(400) for w in pages.text(i).split()}
+    words = SyntheticPages(num_samples=50, vocabulary="words", alphabet="etaoinshr", word_length=(2, 4))
+    assert all(set(w) <= set("etaoinshr") and 2 <= len(w) <= 4 for i in range(50) for w in words.text(i).split())
+
+    from deepencoder.training import build_held_out
+
+    config = OcrFinetuneConfig()
+    config.eval.num_samples, config.data.curriculum = 5, 100
+    held_out = build_held_out(config)  # synthetic: the next seed, full ranges
+    assert held_out.seed == config.data.seed + 1 and held_out.curriculum == 0 and len(held_out) == 5
+    config.data.kind, config.data.root = "folder", str(tmp_path)
+    with pytest.raises(ValueError, match="training set itself"):
+        build_held_out(config)
+    config.eval.data = {"roots": "elsewhere"}
+    with pytest.raises(ValueError, match="unknown key"):
+        build_held_out(config)

@@ -215,7 +215,9 @@ def test_folder_and_manifest_loaders(tmp_path):
     assert len(trainer.history) == 3 and trainer.unwrapped.vision is None
 
 
-@pytest.mark.parametrize("name", ["finetune_ocr_tiny.yaml", "pretrain_sam_tiny.yaml"])
+@pytest.mark.parametrize(
+    "name", ["finetune_ocr_tiny.yaml", "finetune_ocr_reads.yaml", "finetune_ocr_lora.yaml", "pretrain_sam_tiny.yaml"]
+)
 def test_example_configs_load(name):
     cls = OcrFinetuneConfig if name.startswith("finetune") else SamPretrainConfig
     config = load_config(cls, EXAMPLES / name, ["train.max_steps=7", "train.optim.lr=3e-4"])

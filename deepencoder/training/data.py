@@ -77,11 +77,11 @@ class SyntheticPages(Dataset):
         lines: (min, max) number of lines per page.
         words_per_line: (min, max) words per line.
         font_size: (min, max) font size in px.
-        words: vocabulary to draw from (`WORDS` by default; those of `word_length` characters), used when
-            `vocabulary` is `words`.
+        words: vocabulary to draw from (`WORDS` by default; those of `word_length` characters written with
+            `alphabet`), used when `vocabulary` is `words`.
         font: TrueType font path or name; Pillow's default font when None.
         vocabulary: `words` (draw from `words`) or `random` (strings of `alphabet` characters).
-        alphabet: characters of `random` words.
+        alphabet: characters of `random` words (and the characters a `words` word may use).
         word_length: (min, max) characters of a `random` word, and the most digits of a number.
         numbers: probability that a word is a number instead (1 to `word_length[1]` digits, no leading zero).
         margin: (min, max) px offset of the text block from the top-left corner, drawn per page (both axes).
@@ -121,14 +121,17 @@ class SyntheticPages(Dataset):
         self.word_length, self.numbers, self.margin = tuple(word_length), float(numbers), tuple(margin)
         self.exclude = frozenset(exclude)
         self.curriculum = curriculum
-        if vocabulary == "words" and self.numbers < 1 and not set(self.words) - self.exclude:
-            raise ValueError("every word of the vocabulary is excluded")
+        usable = {
+            w for w in self.words if self.word_length[0] <= len(w) <= self.word_length[1] and set(w) <= set(alphabet)
+        }
+        if vocabulary == "words" and self.numbers < 1 and not usable - self.exclude:
+            raise ValueError("no word of the vocabulary fits word_length and alphabet outside `exclude`")
 
     def __len__(self) -> int:
         return self.num_samples
 
     def _word(self, rng: random.Random, longest: int) -> str:
-        words = [w for w in self.words if self.word_length[0] <= len(w) <= longest]
+        words = [w for w in self.words if self.word_length[0] <= len(w) <= longest and set(w) <= set(self.alphabet)]
         for _ in range(1000):
             if self.numbers and rng.random() < self.numbers:
                 digits = rng.randint(1, longest)
