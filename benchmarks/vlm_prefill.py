@@ -182,21 +182,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.row_out is not None:  # a child: the parent chose its allocator
         args.row_out.write_text(json.dumps(measure(args)))
         return 0
+    out = args.out or RESULTS / f"vlm-prefill-{args.device.split(':')[0]}-{args.dtype}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.allocators is None:
-        runtime.configure_allocator()
+        runtime.configure_allocator()  # may re-execute this command once, with the allocator preloaded
         records = [measure(args)]
     else:
-        records = []
-        child_args = [a for a in (argv if argv is not None else sys.argv[1:])]
+        records, failed = [], []
+        child_args = list(argv if argv is not None else sys.argv[1:])
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.allocators.split(","):
                 row = Path(tmp) / f"{name}.json"
                 command = [sys.executable, "-m", "benchmarks.vlm_prefill", *child_args, "--row-out", str(row)]
-                subprocess.run(command, env=runtime.environment(name), check=True, cwd=Path(__file__).parents[1])
+                done = subprocess.run(command, env=runtime.environment(name), cwd=Path(__file__).parents[1])
+                if done.returncode != 0:  # e.g. killed for memory: the other rows still count
+                    failed.append(f"{name}: exit status {done.returncode}")
+                    continue
                 records.append(json.loads(row.read_text()))
+                out.write_text(json.dumps(records, indent=2) + "\n")  # every finished row kept
                 print(table(records[-1:]), flush=True)
-    out = args.out or RESULTS / f"vlm-prefill-{args.device.split(':')[0]}-{args.dtype}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+        for failure in failed:
+            print(f"row failed: {failure}")
     out.write_text(json.dumps(records, indent=2) + "\n")
     print(table(records))
     print(f"results: {out}")
