@@ -33,10 +33,15 @@ import torch.nn.functional as F
 AttentionFunction = Callable[..., torch.Tensor]
 RelPosKernel = Callable[..., torch.Tensor]
 
-# entries of one additive-mask block of the `mask` kernel, per device type: on the CPU one head's 1024 query rows of a
-# 1024 px global view (16 MB in fp32), so that block's mask, keys and values stay in cache while the fused kernel reads
-# them; elsewhere large enough that a page's global block is one or a few launches, not hundreds
-MASK_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 2**22}
+# entries of one additive-mask block of the `mask` kernel, per device type, and (CPU) the query rows of one block. On
+# the CPU a block is up to 1024 query rows of as many heads as 2**25 entries (128 MB in fp32) allow, split evenly: a
+# 1024 px page's global block runs as 2 x 4 launches of 6 heads x 1024 rows (96 MB masks) and its 14 x 14 window
+# blocks as one launch. Rows stay >= 768 so PyTorch's CPU flash kernel keeps its 256-row query tiles (shorter blocks
+# drop to 64-row tiles, ~25% slower), and each launch has heads x 4 tiles to share among threads. Measured against
+# the previous 1 head x 1024 rows (48 launches per global block): the same CPU time on 1 thread, ~40% less on 2
+# threads of a busy machine, where every launch is a thread rendezvous (benchmarks/tower.py, PERF notes in the commit)
+MASK_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 2**25}
+MASK_BLOCK_ROWS: dict[str, int] = {"cpu": 1024}
 DEFAULT_MASK_BLOCK_ELEMENTS = 2**28
 DEFAULT_REL_POS_KERNEL: dict[str, str] = {"cpu": "mask", "cuda": "folded", "mps": "mask"}
 
@@ -145,8 +150,9 @@ def masked_rel_pos_attention(
 
     Same contract as `eager_rel_pos_attention`. Each block's mask (B, h, rows, N) holds at most `mask_block_elements`
     entries (default: `MASK_BLOCK_ELEMENTS` for the device; counted per batch element when the batch size is
-    symbolic, as in a dynamic-batch export), so the full (B, heads, N, N) mask (805 MB per global block of a 1024 px
-    page in fp32) need not exist; every block runs over all keys, so the result equals the one-shot masked call.
+    symbolic, as in a dynamic-batch export) and at most the device's `MASK_BLOCK_ROWS` query rows, so the full
+    (B, heads, N, N) mask (805 MB per global block of a 1024 px page in fp32) need not exist; every block runs over
+    all keys, so the result equals the one-shot masked call.
     Outside autograd and tracing the blocks are written into one fresh (B, N, heads, hd) buffer and its transposed
     view is returned, so the caller's `transpose(1, 2).reshape(B, N, C)` costs no copy.
 
@@ -159,10 +165,12 @@ def masked_rel_pos_attention(
         attend = eager_attention
     else:
         attend = F.scaled_dot_product_attention
-    budget = mask_block_elements or MASK_BLOCK_ELEMENTS.get(query.device.type, DEFAULT_MASK_BLOCK_ELEMENTS)
+    device = query.device.type
+    budget = mask_block_elements or MASK_BLOCK_ELEMENTS.get(device, DEFAULT_MASK_BLOCK_ELEMENTS)
     per_row = key.shape[2] * (batch if isinstance(batch, int) else 1)
-    rows = max(1, min(n, budget // per_row))
-    heads_per_block = max(1, min(heads, budget // (rows * per_row)))
+    rows = max(1, min(n, budget // per_row, MASK_BLOCK_ROWS.get(device, n)))
+    head_blocks = -(-heads // max(1, min(heads, budget // (rows * per_row))))
+    heads_per_block = -(-heads // head_blocks)  # the same number of heads in every block, the last one at most fewer
     if rows >= n and heads_per_block >= heads:
         return attend(query, key, value, attn_mask=rel_pos_mask(rel_h, rel_w), scale=scale)
     head_starts, row_starts = range(0, heads, heads_per_block), range(0, n, rows)
