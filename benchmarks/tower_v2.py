@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -76,7 +77,35 @@ def transformers_path(model: DeepEncoderV2Model):
         raise RuntimeError(f"transformers' port: missing {missing}, unexpected {unexpected}")
     projector = torch.nn.Linear(model.projector.in_features, model.projector.out_features)
     projector.load_state_dict(model.projector.state_dict())
-    return lambda pixels: projector(vision(pixels).last_hidden_state)
+    encode = lambda pixels: projector(vision(pixels).last_hidden_state)  # noqa: E731
+    encode.vision = vision
+    return encode
+
+
+def stage_times(model: DeepEncoderV2Model, transformers_encode, pixels: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Seconds of the SAM stage (trunk + neck + compressor) and of the encoder (+ projector) for both paths, on the
+    same SAM features (the stages alternate, ours first)."""
+    vision = transformers_encode.vision
+    start = time.perf_counter()
+    features = model.sam(pixels)
+    ours_sam = time.perf_counter() - start
+    start = time.perf_counter()
+    theirs_features = vision.sam_encoder(pixels).last_hidden_state
+    theirs_sam = time.perf_counter() - start
+    start = time.perf_counter()
+    model.projector(model.encoder(features)[0])
+    ours_encoder = time.perf_counter() - start
+    tokens = theirs_features.flatten(2).transpose(1, 2)
+    n = tokens.shape[1]
+    table = vision.query_768_resolution if n == 144 else vision.query_1024_resolution
+    start = time.perf_counter()
+    joined = torch.cat([tokens, table.weight[None].expand(tokens.shape[0], -1, -1)], dim=1)
+    vision.vision_encoder(inputs_embeds=joined, num_patches=n)
+    theirs_encoder = time.perf_counter() - start
+    return {
+        "ours": {"sam": ours_sam, "encoder": ours_encoder},
+        "transformers": {"sam": theirs_sam, "encoder": theirs_encoder},
+    }
 
 
 def views_of(tower: DeepEncoderV2Model):
@@ -88,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--paths", default="ours,transformers", help="ours, ours-eager, transformers")
+    parser.add_argument("--stages", action="store_true", help="also time the SAM stage and the encoder apart")
     args = parser.parse_args(argv)
     allocator = runtime.configure_allocator()
     torch.set_num_threads(args.threads)
@@ -121,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
                     start = time.perf_counter()
                     encode(pixels[view])
                     times[view][path].append(time.perf_counter() - start)
+    stages: dict[str, list[dict]] = {view: [] for view in VIEWS}
+    if args.stages and {"ours", "transformers"} <= set(encoders):
+        with torch.inference_mode():
+            for _ in range(args.rounds):
+                for view in VIEWS:
+                    stages[view].append(stage_times(model, encoders["transformers"], pixels[view]))
     record = {
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
@@ -162,6 +198,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"{view}: ours {ours['best']:.2f} s vs transformers {theirs['best']:.2f} s: "
                 f"{theirs['best'] / ours['best']:.2f}x (best), {theirs['median'] / ours['median']:.2f}x (median)"
             )
+    for view, rounds in stages.items():
+        if rounds:
+            record["views"][view]["stages"] = rounds
+            best = {
+                (path, stage): min(r[path][stage] for r in rounds)
+                for path in ("ours", "transformers")
+                for stage in ("sam", "encoder")
+            }
+            lines.append(
+                f"{view} stages (best of {len(rounds)}): SAM ours {best['ours', 'sam']:.2f} s vs transformers "
+                f"{best['transformers', 'sam']:.2f} s ({best['transformers', 'sam'] / best['ours', 'sam']:.2f}x); "
+                f"encoder ours {best['ours', 'encoder']:.2f} s vs transformers {best['transformers', 'encoder']:.2f} s "
+                f"({best['transformers', 'encoder'] / best['ours', 'encoder']:.2f}x)"
+            )
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    record["load_average_1min"] = load
+    lines.append(f"load average at the end: {load:.1f} on {os.cpu_count()} CPUs")
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tower-v2-cpu-fp32.json").write_text(json.dumps(record, indent=1) + "\n")
