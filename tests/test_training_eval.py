@@ -194,9 +194,9 @@ def _reads_config(tmp_path) -> OcrFinetuneConfig:
     lm = config.language_model
     lm.hidden_size, lm.num_layers, lm.num_heads, lm.max_text_tokens, lm.initializer_range = 128, 2, 4, 12, 0.1
     data = config.data
-    data.num_samples, data.size, data.lines, data.words_per_line = 20000, (192, 64), (1, 1), (1, 1)
-    data.font_size, data.vocabulary, data.alphabet, data.word_length = (40, 44), "random", "0123456789", (1, 3)
-    data.margin, data.mode, data.base_size = (4, 10), "native", 192
+    data.num_samples, data.size, data.lines, data.words_per_line = 20000, (256, 64), (1, 1), (1, 1)
+    data.font_size, data.vocabulary, data.alphabet, data.word_length = (52, 56), "random", "0123456789", (1, 3)
+    data.margin, data.mode, data.base_size = (2, 6), "native", 256
     config.eval.num_samples, config.eval.every, config.eval.data = 24, 140, {"seed": 7}
     config.sample_transcriptions = 0
     return config
