@@ -4,6 +4,8 @@ through PEFT, and `OcrVisionLanguageModel` with a V2 tower."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 from fixtures.v2_support import make_page, tiny_config_kwargs
 from helpers import randomize_, rel_err
@@ -85,3 +87,40 @@ def test_ocr_vlm_with_a_v2_tower():
     out.loss.backward()
     assert tower.encoder.queries["256"].grad is not None
     assert tower.sam.blocks[0].attn.qkv.weight.grad is None
+
+
+def test_encode_command_takes_v2_weights_in_either_layout(tmp_path):
+    """`deepencoder encode --weights <V2> --mode ocr2` from the command line: a save_pretrained directory and a
+    DeepSeek-OCR-2-layout checkpoint both give a V2 tower (the tower class follows from the weights), with the
+    stored tensors equal to the model's pages and a preview whose budget counts queries."""
+    from fixtures.v2_support import to_deepseek_ocr2
+    from safetensors.torch import save_file
+
+    from deepencoder.cli import main
+    from deepencoder.pipeline.preview import budget_text
+
+    model = tiny_v2(seed=4)
+    model.save_pretrained(tmp_path / "v2-own")
+    (tmp_path / "v2-deepseek").mkdir()
+    save_file(to_deepseek_ocr2(model.state_dict()), str(tmp_path / "v2-deepseek" / "model.safetensors"))
+    # a tiny encoder's head counts are stated, as a transformers DeepseekOcr2 config.json states them
+    heads = {"num_attention_heads": 4, "num_key_value_heads": 2}
+    (tmp_path / "v2-deepseek" / "config.json").write_text(json.dumps({"vision_config": {"encoder_config": heads}}))
+    (tmp_path / "in").mkdir()
+    page = make_page("tiles_2x1")
+    page.save(tmp_path / "in" / "wide.png")
+    processor = DeepEncoderImageProcessor(mode="ocr2")
+    with torch.inference_mode():
+        expected = model(**processor(page)).image_embeds[0]
+    for name in ("v2-own", "v2-deepseek"):
+        out = tmp_path / f"out-{name}"
+        args = ["encode", str(tmp_path / "in"), "--weights", str(tmp_path / name), "--mode", "ocr2"]
+        assert main([*args, "--out", str(out), "--preview", str(tmp_path / f"preview-{name}")]) == 0
+        (row,) = load_manifest(out)
+        assert row["tower"] == "deepencoder_v2" and row["tokens"] == 2 * 144 + 256 + 1
+        assert rel_err(load_file(str(out / row["output"]))[row["key"]], expected) <= 1e-5
+        assert (tmp_path / f"preview-{name}" / row["document"] / "page.0.png").is_file()
+    plan = processor.plan(*page.size)
+    assert budget_text(plan, processor) == (
+        "ocr2: 545 tokens | global 1024x1024 = 256 queries | tiles 2x1 of 768px = 288 queries | + 1 separator"
+    )

@@ -17,7 +17,7 @@ from typing import Any
 from ..configuration_deepencoder import DeepEncoderSamConfig
 from ..configuration_deepencoder_v2 import V2_COMPRESSOR_CHANNELS, DeepEncoderV2Config, DeepEncoderV2EncoderConfig
 from ..modeling_deepencoder_v2 import DeepEncoderV2Model
-from .common import SAM_KEYS, KeyTable, instantiate, map_keys, sam_config_from_state_dict
+from .common import SAM_KEYS, KeyTable, count_layers, instantiate, map_keys, sam_config_from_state_dict
 from .formats import CheckpointFormat, ModelFamily, StateDict, bare_prefix
 from .io import CheckpointError
 from .report import ConversionReport
@@ -37,16 +37,6 @@ ENCODER_KEYS = (
     "query_counts",
 )
 TOP_KEYS = ("projector_dim", "projector_bias")
-STAGE_OF_V2 = {
-    "sam": lambda key: key.startswith("sam."),
-    "encoder": lambda key: key.startswith("encoder."),
-    "projector": lambda key: not key.startswith(("sam.", "encoder.")),
-}
-
-
-def _count_layers(state_dict: StateDict, pattern: str) -> int:
-    indices = {int(m.group(1)) for key in state_dict if (m := re.match(pattern, key))}
-    return max(indices) + 1 if indices else 0
 
 
 def encoder_config_from_state_dict(
@@ -57,7 +47,7 @@ def encoder_config_from_state_dict(
     hidden = state_dict["encoder.norm.weight"].shape[0]
     values: dict[str, Any] = {
         "hidden_size": hidden,
-        "num_hidden_layers": _count_layers(state_dict, r"encoder\.layers\.(\d+)\."),
+        "num_hidden_layers": count_layers(state_dict, r"encoder\.layers\.(\d+)\."),
     }
     q_proj = state_dict.get("encoder.layers.0.self_attn.q_proj.weight")
     if q_proj is not None:

@@ -22,23 +22,26 @@ def formats_providing(stage: str, family: ModelFamily = DEEPENCODER) -> tuple[st
     return tuple(name for name, record in FORMATS.items() if record.family is family and stage in record.provides)
 
 
-def whole_tower_formats(family: ModelFamily = DEEPENCODER) -> tuple[str, ...]:
-    """Names of the registered formats holding a whole tower of `family`."""
-    return tuple(name for name, record in FORMATS.items() if record.family is family and record.whole_tower)
+def whole_tower_formats(family: ModelFamily | None = DEEPENCODER) -> tuple[str, ...]:
+    """Names of the registered formats holding a whole tower of `family` (None: of any family)."""
+    return tuple(
+        name for name, record in FORMATS.items() if record.whole_tower and (family is None or record.family is family)
+    )
 
 
 def load_tower(
     path_or_repo_id: str,
     *,
-    family: ModelFamily = DEEPENCODER,
+    family: ModelFamily | None = DEEPENCODER,
     revision: str | None = None,
     dtype: torch.dtype | None = None,
     config_kwargs: dict[str, Any] | None = None,
     filesystem: Any = None,
 ) -> tuple[PreTrainedModel, ConversionReport]:
     """Any checkpoint holding a whole tower of `family` (for v1: DeepSeek-OCR, transformers' UnlimitedOcr models
-    in either naming, a deepencoder directory) -> the model, loaded strictly, and the report. Only the vision
-    tensors are read."""
+    in either naming, a deepencoder directory; for V2: DeepSeek-OCR-2; None: whichever tower the checkpoint holds,
+    its family read from its layout) -> the model, loaded strictly, and the report. Only the vision tensors are
+    read."""
     part = read_converted(
         path_or_repo_id, formats=whole_tower_formats(family), revision=revision, filesystem=filesystem
     )

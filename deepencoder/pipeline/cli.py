@@ -201,7 +201,7 @@ def run_encode(args: argparse.Namespace) -> int:
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if rank == 0 else (lambda *a, **k: None)
     try:
         try:
-            model, description = load_model(args.weights, args.config, seed=args.seed)
+            model, description = load_model(args.weights, args.config, seed=args.seed, mode=args.mode)
         except WeightsError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

@@ -18,14 +18,20 @@ def _fit(image: Image.Image, side: int) -> Image.Image:
     return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
 
 
-def budget_text(plan: PagePlan, mode: str, downsample: int = 64) -> str:
+def budget_text(plan: PagePlan, processor: DeepEncoderImageProcessor) -> str:
+    """The page's token budget: total, the global view's share and the tiles' share. v1 modes count token rows with
+    their newlines; V2 modes (`layout == "queries"`) count one query per 64 px cell of each view and no newlines."""
     w, h = plan.global_size
-    global_tokens = (h // downsample) * (w // downsample + 1) + 1
-    text = f"{mode}: {plan.num_tokens} tokens | global {w}x{h} = {global_tokens}"
+    ds = processor.downsample
+    queries = processor.resolution.layout == "queries"
+    global_tokens = (h // ds) * (w // ds) if queries else (h // ds) * (w // ds + 1) + 1
+    kind = "queries" if queries else "tokens"
+    text = f"{processor.mode}: {plan.num_tokens} tokens | global {w}x{h} = {global_tokens} {kind}"
     if plan.num_tiles:
         cols, rows = plan.tile_grid
-        text += f" | tiles {cols}x{rows} of {plan.tile_size}px = {plan.num_tokens - global_tokens}"
-    return text
+        tiles = plan.num_tokens - global_tokens - (1 if queries else 0)
+        text += f" | tiles {cols}x{rows} of {plan.tile_size}px = {tiles} {kind}"
+    return text + (" | + 1 separator" if queries else "")
 
 
 def render_preview(image: Image.Image, plan: PagePlan, processor: DeepEncoderImageProcessor) -> Image.Image:
@@ -58,7 +64,7 @@ def render_preview(image: Image.Image, plan: PagePlan, processor: DeepEncoderIma
     )
     canvas.paste(page, (gap, banner))
     canvas.paste(shown, (page.width + 2 * gap, banner))
-    text = budget_text(plan, processor.mode, processor.downsample)
+    text = budget_text(plan, processor)
     draw_canvas = ImageDraw.Draw(canvas)
     try:
         font = ImageFont.load_default(size=16)

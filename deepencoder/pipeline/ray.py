@@ -124,15 +124,15 @@ def _prepare(batch: dict[str, np.ndarray], work: PageWork) -> dict[str, np.ndarr
 
 
 class _ModelLoader:
-    """`load_model(weights, config, seed)` inside the actor (the checkpoint is read once per actor)."""
+    """`load_model(weights, config, seed, mode=...)` inside the actor (the checkpoint is read once per actor)."""
 
-    def __init__(self, weights: str, config: str | None, seed: int) -> None:
-        self.weights, self.config, self.seed = weights, config, seed
+    def __init__(self, weights: str, config: str | None, seed: int, mode: str | None = None) -> None:
+        self.weights, self.config, self.seed, self.mode = weights, config, seed, mode
 
     def __call__(self) -> torch.nn.Module:
         from .weights import load_model
 
-        return load_model(self.weights, self.config, seed=self.seed)[0]
+        return load_model(self.weights, self.config, seed=self.seed, mode=self.mode)[0]
 
 
 class _Tower:
@@ -278,7 +278,11 @@ def encode_dataset(
                 f"{location}: fsspec's memory:// lives inside one process and Ray's workers are other processes; "
                 "use a shared folder, file://, or an object store URL"
             )
-    loader = weights if callable(weights) else _ModelLoader(os.fspath(weights), config and os.fspath(config), seed)
+    loader = (
+        weights
+        if callable(weights)
+        else _ModelLoader(os.fspath(weights), config and os.fspath(config), seed, mode=processor.mode)
+    )
     dtype = str(parse_dtype(compute_dtype)).removeprefix("torch.")
     started_ray = False
     if not ray.is_initialized():

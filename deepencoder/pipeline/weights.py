@@ -1,5 +1,6 @@
-"""`--weights` -> a DeepEncoderModel: `random`, a `save_pretrained` directory of this library, or any checkpoint
-holding the whole tower (DeepSeek-OCR, transformers' UnlimitedOcr port; local directory / file or hub id)."""
+"""`--weights` -> a tower: `random`, a `save_pretrained` directory of this library (v1 or V2), or any checkpoint
+holding a whole tower (DeepSeek-OCR, transformers' UnlimitedOcr port, DeepSeek-OCR-2; local directory / file or hub
+id). The tower class follows from the weights (or, for `random`, from the config or the mode's layout)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,18 @@ import os
 from pathlib import Path
 
 import torch
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
 from ..configuration_deepencoder import DeepEncoderConfig
+from ..configuration_deepencoder_v2 import DeepEncoderV2Config
 from ..conversion.io import CheckpointError
 from ..conversion.load import load_tower
-from ..modeling_deepencoder import DeepEncoderModel
+from ..image_processing_deepencoder import RESOLUTION_MODES
+
+TOWER_CONFIGS: dict[str, type[PretrainedConfig]] = {
+    DeepEncoderConfig.model_type: DeepEncoderConfig,
+    DeepEncoderV2Config.model_type: DeepEncoderV2Config,
+}
 
 DEFAULT_WEIGHTS = "deepseek-ai/DeepSeek-OCR"
 RANDOM = "random"
@@ -27,51 +35,58 @@ def is_save_pretrained_dir(path: str | os.PathLike) -> bool:
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type") == DeepEncoderConfig.model_type
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type") in TOWER_CONFIGS
     except (OSError, json.JSONDecodeError):
         return False
 
 
-def load_config(config: str | os.PathLike | DeepEncoderConfig | None) -> DeepEncoderConfig:
-    """None -> the released architecture; a DeepEncoderConfig; a config.json file or a directory holding one."""
+def load_config(config: str | os.PathLike | PretrainedConfig | None, mode: str | None = None) -> PretrainedConfig:
+    """None -> the released architecture of the tower the mode is for (V2 for `ocr2` modes, else v1); a tower
+    config; a config.json file or a directory holding one (its `model_type` names the tower)."""
     if config is None:
-        return DeepEncoderConfig()
-    if isinstance(config, DeepEncoderConfig):
+        queries = mode is not None and mode in RESOLUTION_MODES and RESOLUTION_MODES[mode].layout == "queries"
+        return DeepEncoderV2Config() if queries else DeepEncoderConfig()
+    if isinstance(config, PretrainedConfig):
         return config
     path = Path(config)
     if path.is_dir():
         path = path / "config.json"
     try:
-        return DeepEncoderConfig.from_json_file(str(path))
+        model_type = json.loads(path.read_text(encoding="utf-8")).get("model_type", DeepEncoderConfig.model_type)
+        if model_type not in TOWER_CONFIGS:
+            raise ValueError(f"model_type {model_type!r} is not a DeepEncoder tower ({sorted(TOWER_CONFIGS)})")
+        return TOWER_CONFIGS[model_type].from_json_file(str(path))
     except (OSError, ValueError) as error:
         raise WeightsError(f"cannot read config {config} ({error})") from error
 
 
 def load_model(
     weights: str | os.PathLike = DEFAULT_WEIGHTS,
-    config: str | os.PathLike | DeepEncoderConfig | None = None,
+    config: str | os.PathLike | PretrainedConfig | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
-) -> tuple[DeepEncoderModel, str]:
-    """Returns (model in eval mode, a short description of where its weights came from).
+    mode: str | None = None,
+) -> tuple[PreTrainedModel, str]:
+    """Returns (tower in eval mode, a short description of where its weights came from).
 
-    `random` initialises `config` (default: the released architecture) from `seed`, identically in every process.
+    `random` initialises `config` (default: the released architecture of the tower `mode` is for) from `seed`,
+    identically in every process.
     """
     weights = os.fspath(weights)
     if weights == RANDOM:
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:
-            model = DeepEncoderModel(load_config(config))
+            model = AutoModel.from_config(load_config(config, mode))
         finally:
             torch.random.set_rng_state(generator_state)
         description = f"RANDOM weights (seed {seed}): outputs are meaningless, for trying the pipeline only"
     elif is_save_pretrained_dir(weights):
-        model = DeepEncoderModel.from_pretrained(weights)
+        model = AutoModel.from_pretrained(weights)
         description = f"deepencoder checkpoint {weights}"
     else:
         try:
-            model, _ = load_tower(weights)
+            model, _ = load_tower(weights, family=None)
         except CheckpointError as error:
             message = str(error)
             if "pass its local directory" not in message:
