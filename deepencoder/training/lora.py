@@ -71,14 +71,13 @@ def apply_lora(
 def merge_lora(
     base: str | os.PathLike | nn.Module, adapter_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None
 ):
-    """Load a LoRA adapter onto a tower (a `save_pretrained` directory or a model), merge it into the weights and
-    return the plain `DeepEncoderModel`; with `output_dir`, also `save_pretrained` it there (a directory
+    """Load a LoRA adapter onto a tower (a `save_pretrained` directory of either tower, or a model), merge it into
+    the weights and return the plain tower; with `output_dir`, also `save_pretrained` it there (a directory
     `AutoModel.from_pretrained` reads with no PEFT installed)."""
     from peft import PeftModel
+    from transformers import AutoModel
 
-    from ..modeling_deepencoder import DeepEncoderModel
-
-    model = DeepEncoderModel.from_pretrained(base) if isinstance(base, (str, os.PathLike)) else base
+    model = AutoModel.from_pretrained(base) if isinstance(base, (str, os.PathLike)) else base
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     if output_dir is not None:
         merged.save_pretrained(output_dir)
