@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from deepencoder.runtime import configure_allocator
 from deepencoder.training import OcrFinetuneConfig, load_config, run_ocr_finetune
 
 
@@ -39,4 +40,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    configure_allocator()  # tcmalloc when installed, else glibc without mmap churn (deepencoder.runtime)
     main()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from deepencoder.runtime import configure_allocator
 from deepencoder.training import SamPretrainConfig, load_config, run_sam_pretrain
 
 
@@ -36,4 +37,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    configure_allocator()  # tcmalloc when installed, else glibc without mmap churn (deepencoder.runtime)
     main()
