@@ -1,5 +1,6 @@
-"""Training the tower: freezing, LoRA targets, a VLM wrapper for OCR fine-tuning, SAM masked-image pretraining,
-data (synthetic pages, folders, the encode manifest), run configs and an `accelerate` training loop.
+"""Training the tower: freezing, LoRA targets, a VLM wrapper for OCR fine-tuning, held-out OCR evaluation (CER, exact
+match, page-blind control), SAM masked-image pretraining, data (synthetic pages, folders, the encode manifest), run
+configs and an `accelerate` training loop.
 
 Needs the `train` extra (peft, matplotlib, pyyaml) for LoRA, plots and YAML configs.
 """
