@@ -249,3 +249,29 @@ def test_synthetic_curriculum_exclude_and_held_out_settings(tmp_path):
     config.eval.data = {"roots": "elsewhere"}
     with pytest.raises(ValueError, match="unknown key"):
         build_held_out(config)
+
+
+def test_evaluation_on_manifest_tokens(tmp_path):
+    """Precomputed page tokens (`deepencoder encode`'s manifest) evaluate without a tower."""
+    from safetensors.torch import save_file
+
+    from deepencoder.training import ManifestTokens
+
+    save_file({f"page.{i}": torch.randn(4 + i, 24) for i in range(3)}, str(tmp_path / "doc.safetensors"))
+    rows = [
+        {"source": "doc.pdf", "page": i, "status": "ok", "output": "doc.safetensors", "key": f"page.{i}", "text": t}
+        for i, t in enumerate(["one", "two 2", "three"])
+    ]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pages = ManifestTokens(tmp_path / "manifest.jsonl")
+    tokenizer = ByteTokenizer()
+    torch.manual_seed(0)
+    model = OcrVisionLanguageModel(None, tiny_causal_lm(tokenizer.vocab_size, 32, 1, 2), image_dim=24)
+    result = evaluate_ocr(model, pages, OcrCollator(tokenizer), tokenizer, max_new_tokens=5, batch_size=2)
+    assert [row["target"] for row in result.rows] == ["one", "two 2", "three"]
+    # page 0's output is the greedy text after its own 4 tokens through the connector
+    with torch.no_grad():
+        expected = model.greedy_decode([model.connector(pages[0]["image_embeds"])], tokenizer, 5)
+    assert result.rows[0]["output"] == expected[0]
+    direct = {row["index"]: row["output"] for row in result.rows}
+    assert all(row["output_shuffled"] == direct[row["shuffled_from"]] for row in result.rows)

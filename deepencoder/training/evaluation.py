@@ -102,8 +102,15 @@ class OcrEvaluation:
         )
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _to_device(value, device: torch.device):
+    """Tensors, and tensors inside lists / tuples / dicts (e.g. per-page `image_embeds`), moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
 
 
 @torch.no_grad()
