@@ -4,6 +4,8 @@ big grid, then the global view, then `view_separator`. Also the closed-form toke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -76,3 +78,21 @@ def layout_query_page(
 def count_query_tokens(global_queries: int, num_tiles: int = 0, tile_queries: int = 0) -> int:
     """Length of `layout_query_page`'s output: global_queries + num_tiles * tile_queries + 1 (the separator)."""
     return global_queries + num_tiles * tile_queries + 1
+
+
+def tile_counts(
+    batch: int, tile_grids: Sequence[Sequence[int]] | None, num_tiles: int | None
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """Check a batch's tile inputs: per page (cols, rows) as Python ints (None: no page tiled) against the number of
+    tiles given (`pixel_values_tiles.shape[0]`, None when absent). Returns the grids and the tiles per page (0 for an
+    untiled page, whose grid is (1, 1)); raises ValueError naming any mismatch."""
+    grids = [tuple(int(v) for v in g) for g in tile_grids] if tile_grids is not None else [(1, 1)] * batch
+    if len(grids) != batch:
+        raise ValueError(f"tile_grids has {len(grids)} entries for {batch} pages")
+    counts = [c * r if c * r > 1 else 0 for c, r in grids]
+    total = sum(counts)
+    if total and num_tiles is None:
+        raise ValueError(f"tile_grids asks for {total} tiles but pixel_values_tiles is missing")
+    if num_tiles is not None and num_tiles != total:
+        raise ValueError(f"pixel_values_tiles has {num_tiles} tiles, tile_grids asks for {total}")
+    return grids, counts

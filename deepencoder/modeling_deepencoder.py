@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 from .attention import REL_POS_KERNELS
 from .configuration_deepencoder import DeepEncoderConfig
 from .freezing import FreezeTargets, FreezingMixin
-from .layout import layout_page
+from .layout import layout_page, tile_counts
 from .modeling_clip import ClipEmbeddings, DeepEncoderClipModel
 from .modeling_sam import DeepEncoderSamModel, SamAttention
 
@@ -236,17 +236,9 @@ class DeepEncoderModel(DeepEncoderPreTrainedModel):
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
         batch = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else len(pixel_values)
-        grids = [tuple(int(v) for v in g) for g in tile_grids] if tile_grids is not None else [(1, 1)] * batch
-        if len(grids) != batch:
-            raise ValueError(f"tile_grids has {len(grids)} entries for {batch} pages")
-        counts = [c * r if c * r > 1 else 0 for c, r in grids]
+        num_tiles = pixel_values_tiles.shape[0] if pixel_values_tiles is not None else None
+        grids, counts = tile_counts(batch, tile_grids, num_tiles)
         total_tiles = sum(counts)
-        if total_tiles and pixel_values_tiles is None:
-            raise ValueError(f"tile_grids asks for {total_tiles} tiles but pixel_values_tiles is missing")
-        if pixel_values_tiles is not None and pixel_values_tiles.shape[0] != total_tiles:
-            raise ValueError(
-                f"pixel_values_tiles has {pixel_values_tiles.shape[0]} tiles, tile_grids asks for {total_tiles}"
-            )
 
         global_embeds, global_pre, global_grids, sam_states, clip_states = self._encode_globals(
             pixel_values, output_pre_projector, output_hidden_states
