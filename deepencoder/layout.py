@@ -96,3 +96,19 @@ def tile_counts(
     if num_tiles is not None and num_tiles != total:
         raise ValueError(f"pixel_values_tiles has {num_tiles} tiles, tile_grids asks for {total}")
     return grids, counts
+
+
+def group_views_by_size(
+    pixel_values: torch.Tensor | Sequence[torch.Tensor],
+) -> list[tuple[list[int], torch.Tensor]]:
+    """Global views -> (page indices, stacked views) per distinct view size, so each size runs as one batch.
+    pixel_values: (B, 3, H, W), or a list of (3, H_i, W_i) (or (1, 3, H_i, W_i)) views of different sizes."""
+    if isinstance(pixel_values, torch.Tensor):
+        return [(list(range(pixel_values.shape[0])), pixel_values)]
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for index, view in enumerate(pixel_values):
+        by_size.setdefault(tuple(view.shape[-2:]), []).append(index)
+    return [
+        (indices, torch.stack([pixel_values[i].reshape(pixel_values[i].shape[-3:]) for i in indices]))
+        for indices in by_size.values()
+    ]

@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 from .attention import REL_POS_KERNELS
 from .configuration_deepencoder import DeepEncoderConfig
 from .freezing import FreezeTargets, FreezingMixin
-from .layout import layout_page, tile_counts
+from .layout import group_views_by_size, layout_page, tile_counts
 from .modeling_clip import ClipEmbeddings, DeepEncoderClipModel
 from .modeling_sam import DeepEncoderSamModel, SamAttention
 
@@ -186,16 +186,7 @@ class DeepEncoderModel(DeepEncoderPreTrainedModel):
         """Global views, one batched pass per distinct size. Returns per page: projected tokens (h*w, D),
         pre-projector features (h*w, 2048) or None, and the (h, w) grid; then the SAM and CLIP hidden states
         (see `DeepEncoderOutput`) or None."""
-        if isinstance(pixel_values, torch.Tensor):
-            groups = [(list(range(pixel_values.shape[0])), pixel_values)]
-        else:
-            by_size: dict[tuple[int, ...], list[int]] = {}
-            for index, view in enumerate(pixel_values):
-                by_size.setdefault(tuple(view.shape[-2:]), []).append(index)
-            groups = [
-                (indices, torch.stack([pixel_values[i].reshape(pixel_values[i].shape[-3:]) for i in indices]))
-                for indices in by_size.values()
-            ]
+        groups = group_views_by_size(pixel_values)
         count = sum(len(indices) for indices, _ in groups)
         embeds: list = [None] * count
         pre: list = [None] * count

@@ -26,7 +26,7 @@ from transformers.utils import ModelOutput
 from .attention import mixed_attention, mixed_attention_mask
 from .configuration_deepencoder_v2 import DeepEncoderV2Config, DeepEncoderV2EncoderConfig
 from .freezing import FreezeTargets, FreezingMixin
-from .layout import layout_query_page, tile_counts
+from .layout import group_views_by_size, layout_query_page, tile_counts
 from .modeling_sam import DeepEncoderSamModel, SamAttention
 
 
@@ -344,16 +344,7 @@ class DeepEncoderV2Model(DeepEncoderV2PreTrainedModel):
         """Global views, one batched pass per distinct size. Returns per page the projected queries and the
         pre-projector queries (or None), the SAM and encoder hidden states (see `DeepEncoderV2Output`), and
         whether all views shared one size."""
-        if isinstance(pixel_values, torch.Tensor):
-            groups = [(list(range(pixel_values.shape[0])), pixel_values)]
-        else:
-            by_size: dict[tuple[int, ...], list[int]] = {}
-            for index, view in enumerate(pixel_values):
-                by_size.setdefault(tuple(view.shape[-2:]), []).append(index)
-            groups = [
-                (indices, torch.stack([pixel_values[i].reshape(pixel_values[i].shape[-3:]) for i in indices]))
-                for indices in by_size.values()
-            ]
+        groups = group_views_by_size(pixel_values)
         count = sum(len(indices) for indices, _ in groups)
         embeds: list = [None] * count
         pre: list = [None] * count
