@@ -9,9 +9,9 @@ import json
 
 import torch
 from fixtures.v2_support import tiny_config_kwargs, to_deepseek_ocr2, transformers_reference
-from fsspec.implementations.local import LocalFileSystem
 from helpers import randomize_, rel_err
 from safetensors.torch import save_file
+from test_conversion_sources import CountingFileSystem
 
 from deepencoder import DeepEncoderImageProcessor, DeepEncoderV2Config, DeepEncoderV2Model
 from deepencoder.cli import main
@@ -34,29 +34,6 @@ def tiny_v2(seed: int = 0) -> DeepEncoderV2Model:
     return randomize_(DeepEncoderV2Model(DeepEncoderV2Config(**tiny_config_kwargs())), seed).eval()
 
 
-class RecordingFileSystem(LocalFileSystem):
-    """Local files through the fsspec interface the hub path uses, recording every read (path, offset, length)."""
-
-    cachable = False
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.reads: list[tuple[str, int, int]] = []
-
-    def _open(self, path, mode="rb", **kwargs):
-        handle = super()._open(path, mode, **kwargs)
-        reads, read = self.reads, handle.read
-
-        def recorded(size=-1):
-            offset = handle.tell()
-            data = read(size)
-            reads.append((str(path), offset, len(data)))
-            return data
-
-        handle.read = recorded
-        return handle
-
-
 def write_deepseek_ocr2_checkpoint(model: DeepEncoderV2Model, folder) -> None:
     """Two shards and an index as the release has them: the vision tensors, and a language-model shard."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,7 +52,7 @@ def test_from_deepseek_ocr2_reads_only_vision_tensors_and_round_trips(tmp_path):
 
     model = tiny_v2(seed=1)
     write_deepseek_ocr2_checkpoint(model, tmp_path / "ckpt")
-    filesystem = RecordingFileSystem()
+    filesystem = CountingFileSystem()
     loaded, report = load_tower(
         str(tmp_path / "ckpt"), family=DEEPENCODER_V2, filesystem=filesystem, config_kwargs=HEADS
     )
