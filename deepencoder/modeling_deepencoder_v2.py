@@ -317,6 +317,29 @@ class DeepEncoderV2Model(DeepEncoderV2PreTrainedModel):
         )
         return model
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> DeepEncoderV2Model:
+        """transformers' `from_pretrained` for this library's checkpoints (local folder or hub id). Any other
+        checkpoint holding this tower (DeepSeek-OCR-2's release, transformers' `DeepseekOcr2*` `save_pretrained` in either naming) is converted on load, reading only
+        the vision tensors; one that holds no such tower is an error, never a randomly initialised model. See
+        `deepencoder.conversion.load.load_converted_pretrained` for the keywords a converted load takes."""
+        from .conversion.load import load_converted_pretrained
+
+        converted = load_converted_pretrained(cls, pretrained_model_name_or_path, model_args, kwargs)
+        if converted is not None:
+            return converted
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def from_transformers(cls, model: nn.Module) -> DeepEncoderV2Model:
+        """A standalone tower on the vision parameters of transformers' `DeepseekOcr2ForConditionalGeneration` /
+        `DeepseekOcr2Model` (the same `nn.Parameter` objects: no copy, no second load; `model` is left untouched).
+        It runs on this library's processor (`mode="ocr2"`) and saves as an ordinary DeepEncoder V2 checkpoint. To
+        make the transformers model itself run on this tower, see `deepencoder.integrations.attach`."""
+        from .conversion.shared_weights import tower_from_transformers
+
+        return tower_from_transformers(model, cls)
+
     # ------------------------------------------------------------------ compute
     def encode_views(
         self,

@@ -469,6 +469,10 @@ def test_transformers_unlimited_ocr_checkpoint(tmp_path, original_names):
     assert (clip.num_attention_heads, clip.hidden_act, model.config.projector_dim) == (4, "gelu", 80)
     direct = DeepEncoderModel.from_deepseek_ocr(str(source))  # what `deepencoder encode --weights` loads
     assert all(torch.equal(direct.state_dict()[k], v) for k, v in model.state_dict().items())
+    # `from_pretrained` converts it on load (transformers' own loading would find none of the tower's keys)
+    pretrained = DeepEncoderModel.from_pretrained(str(source), dtype="bf16")
+    assert next(pretrained.parameters()).dtype == torch.bfloat16
+    assert all(torch.equal(pretrained.state_dict()[k], v.bfloat16()) for k, v in model.state_dict().items())
     in_memory, _ = build_model(convert_state_dict(reference.state_dict(), config_json=reference.config.to_dict()))
     assert in_memory.config.to_dict() == direct.config.to_dict()
     assert all(torch.equal(in_memory.state_dict()[k], v) for k, v in model.state_dict().items())

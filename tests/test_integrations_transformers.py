@@ -218,9 +218,17 @@ def test_replaced_parameters_rebuild_the_tower(tiny):
 
 def test_from_transformers_gives_a_standalone_tower_that_saves_as_deepencoder(tiny, tmp_path):
     model, inputs = tiny
-    tower = from_transformers(model)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    tower = DeepEncoderModel.from_transformers(model)
+    assert type(tower) is DeepEncoderModel
     assert not is_attached(model)
-    assert tower.projector.weight is model.model.multi_modal_projector.weight
+    inner = model.model
+    theirs = [*inner.vision_tower.parameters(), *inner.multi_modal_projector.parameters()]
+    theirs += [inner.image_newline, inner.view_separator]
+    assert {p.data_ptr() for p in tower.parameters()} == {p.data_ptr() for p in theirs}
+    assert tower.projector.weight is inner.multi_modal_projector.weight
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     tower.save_pretrained(tmp_path)
     loaded = DeepEncoderModel.from_pretrained(tmp_path).eval()
     assert set(loaded.state_dict()) == set(tower.state_dict())

@@ -9,7 +9,15 @@ import torch
 from helpers import randomize_, rel_err
 from PIL import Image
 from safetensors.torch import load_file
-from test_integrations_transformers import CHAT_TEMPLATE, TINY_TEXT, load_example, local_tokenizer, noise_page
+from test_integrations_transformers import (
+    CHAT_TEMPLATE,
+    TINY_TEXT,
+    TINY_VISION,
+    load_example,
+    local_tokenizer,
+    noise_page,
+    ocr_model,
+)
 from transformers import (
     DeepseekOcr2Config,
     DeepseekOcr2ForConditionalGeneration,
@@ -19,7 +27,7 @@ from transformers import (
 )
 from transformers.models.deepseek_ocr2.image_processing_pil_deepseek_ocr2 import DeepseekOcr2ImageProcessorPil
 
-from deepencoder import DeepEncoderImageProcessor
+from deepencoder import DeepEncoderImageProcessor, DeepEncoderModel
 from deepencoder.integrations import attach, detach, from_transformers, image_processor_from_transformers, is_attached
 from deepencoder.modeling_deepencoder_v2 import DeepEncoderV2Model
 
@@ -127,8 +135,13 @@ def test_v2_attach_shares_every_parameter_and_keeps_the_saved_state_dict(tiny_v2
 
 def test_v2_from_transformers_standalone_tower_matches_stock(tiny_v2, tmp_path):
     model, inputs = tiny_v2
-    tower = from_transformers(model.model)
+    tower = DeepEncoderV2Model.from_transformers(model)
+    assert type(tower) is DeepEncoderV2Model
     assert not is_attached(model)
+    inner = model.model
+    theirs = [*inner.vision_tower.parameters(), *inner.multi_modal_projector.parameters(), inner.view_separator]
+    assert {id(p) for p in tower.parameters()} == {id(p) for p in theirs}
+    assert type(from_transformers(model.model)) is DeepEncoderV2Model  # the family-blind function picks V2
     tower.save_pretrained(tmp_path)
     loaded = DeepEncoderV2Model.from_pretrained(tmp_path).eval()
     grids = [[1, 1], [2, 1], [1, 2]]
@@ -139,6 +152,17 @@ def test_v2_from_transformers_standalone_tower_matches_stock(tiny_v2, tmp_path):
         ).image_embeds
     for page_ours, page_stock in zip(out, stock):
         assert rel_err(page_ours, page_stock) < 1e-5
+
+
+def test_from_transformers_classmethods_refuse_the_other_family_and_other_models(tiny_v2):
+    v2_model, _ = tiny_v2
+    v1_model = ocr_model(TINY_VISION)
+    with pytest.raises(TypeError, match=r"use DeepEncoderV2Model\.from_transformers"):
+        DeepEncoderModel.from_transformers(v2_model)
+    with pytest.raises(TypeError, match=r"use DeepEncoderModel\.from_transformers"):
+        DeepEncoderV2Model.from_transformers(v1_model.model)
+    with pytest.raises(TypeError, match="UnlimitedOcrForConditionalGeneration"):
+        DeepEncoderModel.from_transformers(torch.nn.Linear(2, 2))
 
 
 # DeepSeek-OCR-2 pages across the 768 px tiling threshold, tall, wide, and aspect-ratio ties (1600 x 1280: 1.25 lies
@@ -173,27 +197,30 @@ def test_v2_token_counts_match_what_transformers_lays_out(backend):
 @pytest.mark.slow
 def test_v2_full_size_vision_generates_the_same_tokens_attached():
     """DeepSeek-OCR-2's full-size vision (SAM ViT-B + the Qwen2-0.5B encoder, random weights), tiny random language
-    model: one page through transformers' processor, untiled, with a 768 px global view (144 queries), greedy
-    `generate` with the stock vision path and attached; prefill logits over every position from the language
-    model's prefill hidden states of that same call. (A 1024 px view with tiles costs several times more on a CPU;
-    tiled layouts are covered above with the real view sizes on a narrow trunk.)"""
+    model; a batch of the three pages (untiled, 2 x 1, 1 x 2) through transformers' processor at its defaults (1024
+    px global views with 256 queries, 768 px tiles with 144); greedy `generate` with the stock vision path and with
+    the tower attached. The prefill logits are the language model's prefill hidden states of that same `generate`
+    call through `lm_head` (every real position, not only the last)."""
     tokenizer = local_tokenizer()
     config = DeepseekOcr2Config(
         vision_config={"encoder_config": QWEN2_0_5B},
         text_config={**TINY_TEXT, "vocab_size": len(tokenizer)},
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    config.text_config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(0)
     model = DeepseekOcr2ForConditionalGeneration(config).eval()
     for part in (model.model.vision_tower, model.model.multi_modal_projector):
         randomize_(part, seed=0, std=0.02)
-    # a 768 px global view: `size` 768 (with `crop_to_patches=False` transformers' processor makes a 768 px view but
-    # writes the prompt for `size`, 1024 px: 257 placeholders for 145 features, and its own forward raises)
-    image_processor = DeepseekOcr2ImageProcessor(size={"height": 768, "width": 768})
-    processor = DeepseekOcr2Processor(image_processor=image_processor, tokenizer=tokenizer)
-    page = noise_page(700, 500, seed=3)
-    inputs = processor(images=[page], text=["<image>\nFree OCR ."], return_tensors="pt")
-    assert tuple(inputs["pixel_values"].shape[-2:]) == (768, 768) and "pixel_values_local" not in inputs
+    with torch.no_grad():
+        model.model.view_separator.normal_(std=0.5)
+    processor = DeepseekOcr2Processor(image_processor=DeepseekOcr2ImageProcessor(), tokenizer=tokenizer)
+    pages = [noise_page(w, h, seed) for seed, (w, h) in enumerate(PAGES_V2)]
+    inputs = processor(images=pages, text=["<image>\nFree OCR ."] * len(pages), return_tensors="pt", padding=True)
+    assert tuple(inputs["pixel_values"].shape) == (3, 3, 1024, 1024)
+    assert tuple(inputs["pixel_values_local"].shape) == (4, 3, 768, 768)
+    assert list(inputs["num_local_patches"]) == [0, 2, 2]
 
     prefill = []
     model.model.language_model.register_forward_hook(
@@ -201,7 +228,7 @@ def test_v2_full_size_vision_generates_the_same_tokens_attached():
             prefill.append(output.last_hidden_state) if output.last_hidden_state.shape[1] > 1 else None
         )
     )
-    settings = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, eos_token_id=None)
+    settings = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5)
     with torch.no_grad():
         stock_ids = model.generate(**inputs, **settings)
         tower = attach(model)
@@ -210,9 +237,10 @@ def test_v2_full_size_vision_generates_the_same_tokens_attached():
         ours_ids = model.generate(**inputs, **settings)
         detach(model)
         stock_logits, ours_logits = (model.lm_head(hidden) for hidden in prefill)
-    assert len(prefill) == 2 and ran == [1]
+    assert len(prefill) == 2 and ran == [1, 1]  # global views, then tiles: the tower computed them
     assert torch.equal(ours_ids, stock_ids)
-    assert rel_err(ours_logits, stock_logits) < 1e-4
+    real = inputs["attention_mask"].bool()
+    assert rel_err(ours_logits[real], stock_logits[real]) < 1e-4
 
 
 def test_v2_example_transcribes_with_the_tower_attached(tiny_v2, tmp_path, monkeypatch, capsys):

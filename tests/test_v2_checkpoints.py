@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from fixtures.v2_support import tiny_config_kwargs, to_deepseek_ocr2, transformers_reference
-from helpers import randomize_, rel_err
+from helpers import random_model, randomize_, rel_err
 from safetensors.torch import save_file
 from test_conversion_sources import CountingFileSystem
 
-from deepencoder import DeepEncoderImageProcessor, DeepEncoderV2Config, DeepEncoderV2Model
+from deepencoder import DeepEncoderImageProcessor, DeepEncoderModel, DeepEncoderV2Config, DeepEncoderV2Model
 from deepencoder.cli import main
 from deepencoder.conversion.deepseek_ocr2 import DEEPENCODER_V2
+from deepencoder.conversion.io import CheckpointError
 from deepencoder.conversion.load import load_tower
+from deepencoder.conversion.sources import read_converted
 
 # DeepSeek-OCR-2's checkpoint states no head counts; its shapes give them for 64-wide heads (the released 14 / 2),
 # a tiny tower states them
@@ -87,28 +90,70 @@ def test_from_deepseek_ocr2_reads_only_vision_tensors_and_round_trips(tmp_path):
         assert torch.equal(again.encode_views(pixels).image_embeds, model.encode_views(pixels).image_embeds)
 
 
-def test_transformers_deepseek_ocr2_save_pretrained_loads(tmp_path):
-    """transformers' `DeepseekOcr2ForConditionalGeneration.save_pretrained` writes DeepSeek's names; its config.json
-    states the encoder's heads. The loaded tower's pages equal transformers' `get_image_features`."""
+@pytest.mark.parametrize("original_names", [True, False], ids=["default-save", "transformers-names"])
+def test_transformers_deepseek_ocr2_save_pretrained_loads(tmp_path, original_names):
+    """transformers' `DeepseekOcr2ForConditionalGeneration.save_pretrained` writes DeepSeek's names by default and
+    transformers' own with `save_original_format=False`; its config.json states the encoder's heads. Either reads
+    only the vision tensors, through `from_deepseek_ocr2`, `from_pretrained` and `deepencoder convert`, and the
+    tower's pages equal transformers' `get_image_features`."""
     from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import DeepseekOcr2Config
     from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2ForConditionalGeneration
 
     model = tiny_v2(seed=2)
     reference, projector = transformers_reference(model)
     text = dict(
-        hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=32,
+        hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=20000,
         mlp_layer_types=["dense"],
     )  # fmt: skip
     full = DeepseekOcr2ForConditionalGeneration(DeepseekOcr2Config(vision_config=reference.config, text_config=text))
     full.model.vision_tower.load_state_dict(reference.state_dict())
     full.model.multi_modal_projector.load_state_dict(projector.state_dict())
-    full.eval().save_pretrained(tmp_path / "hf")
-    loaded = DeepEncoderV2Model.from_deepseek_ocr2(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        full.model.view_separator.copy_(model.view_separator)
+    source = tmp_path / "hf"
+    full.eval().save_pretrained(source, save_original_format=original_names)
+    filesystem = CountingFileSystem()
+    part = read_converted(str(source), filesystem=filesystem)
+    assert part.format.name == ("deepseek-ocr2" if original_names else "hf-deepseek-ocr2")
+    size = sum(f.stat().st_size for f in source.glob("*.safetensors"))
+    assert 0 < filesystem.bytes_read < 0.2 * size, (filesystem.bytes_read, size)  # the language model is not read
+
+    loaded = DeepEncoderV2Model.from_deepseek_ocr2(str(source)).eval()
+    assert (loaded.config.encoder_config.num_attention_heads, loaded.config.encoder_config.num_key_value_heads) == (
+        4,
+        2,
+    )  # from config.json: q / k widths alone do not say
+    pretrained = DeepEncoderV2Model.from_pretrained(str(source))
+    assert main(["convert", "deepseek-ocr2", str(source), str(tmp_path / "out"), "--dtype", "float32"]) == 0
+    converted = DeepEncoderV2Model.from_pretrained(tmp_path / "out")
+    expected = model.state_dict()
+    for tower in (loaded, pretrained, converted):
+        assert tower.state_dict().keys() == expected.keys()
+        assert all(torch.equal(tower.state_dict()[k], v) for k, v in expected.items())
     pixels = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         ours = loaded(pixels).image_embeds[0]
         theirs = full.model.get_image_features(pixels).pooler_output[0]
     assert rel_err(ours, theirs) <= 1e-4
+
+
+def test_from_pretrained_refuses_what_holds_no_tower_of_its_family(tmp_path):
+    """A checkpoint of the other tower, or keywords a converted load cannot honour, are errors naming them, not a
+    randomly initialised model; this library's own directories still load through transformers."""
+    from transformers import AutoModel
+
+    write_deepseek_ocr2_checkpoint(tiny_v2(seed=1), tmp_path / "ocr2")
+    with pytest.raises(CheckpointError, match="deepseek-ocr2 checkpoint"):
+        DeepEncoderModel.from_pretrained(str(tmp_path / "ocr2"))
+    with pytest.raises(TypeError, match="attn_implementation"):
+        DeepEncoderV2Model.from_pretrained(str(tmp_path / "ocr2"), attn_implementation="eager", **HEADS)
+    v1 = random_model()
+    v1.save_pretrained(tmp_path / "v1")
+    with pytest.raises(CheckpointError, match="deepencoder checkpoint"):
+        DeepEncoderV2Model.from_pretrained(tmp_path / "v1")
+    for loaded in (DeepEncoderModel.from_pretrained(tmp_path / "v1"), AutoModel.from_pretrained(tmp_path / "v1")):
+        assert type(loaded) is DeepEncoderModel
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in v1.state_dict().items())
 
 
 def test_cli_convert_deepseek_ocr2(tmp_path):

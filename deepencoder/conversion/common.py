@@ -5,7 +5,7 @@ tensor shapes."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,29 @@ TemplateTable = Sequence[tuple[str, str]]
 FusedTable = Sequence[tuple[str, tuple[str, ...]]]
 PLACEHOLDERS = {"i": r"\d+", "w": r"weight|bias"}
 
+# transformers' SAM stage as both of its ports of these towers name it (`UnlimitedOcrModel`, `DeepseekOcr2Model`):
+# (our name, theirs)
+TRANSFORMERS_TOWER = "vision_tower."
+TRANSFORMERS_SAM = TRANSFORMERS_TOWER + "sam_encoder"
+TRANSFORMERS_SAM_MAP: TemplateTable = (
+    ("sam.patch_embed.proj.{w}", f"{TRANSFORMERS_SAM}.patch_embed.projection.{{w}}"),
+    ("sam.pos_embed", f"{TRANSFORMERS_SAM}.pos_embed"),
+    ("sam.blocks.{i}.norm1.{w}", f"{TRANSFORMERS_SAM}.layers.{{i}}.layer_norm1.{{w}}"),
+    ("sam.blocks.{i}.norm2.{w}", f"{TRANSFORMERS_SAM}.layers.{{i}}.layer_norm2.{{w}}"),
+    ("sam.blocks.{i}.attn.qkv.{w}", f"{TRANSFORMERS_SAM}.layers.{{i}}.attn.qkv.{{w}}"),
+    ("sam.blocks.{i}.attn.proj.{w}", f"{TRANSFORMERS_SAM}.layers.{{i}}.attn.proj.{{w}}"),
+    ("sam.blocks.{i}.attn.rel_pos_h", f"{TRANSFORMERS_SAM}.layers.{{i}}.attn.rel_pos_h"),
+    ("sam.blocks.{i}.attn.rel_pos_w", f"{TRANSFORMERS_SAM}.layers.{{i}}.attn.rel_pos_w"),
+    ("sam.blocks.{i}.mlp.lin1.{w}", f"{TRANSFORMERS_SAM}.layers.{{i}}.mlp.lin1.{{w}}"),
+    ("sam.blocks.{i}.mlp.lin2.{w}", f"{TRANSFORMERS_SAM}.layers.{{i}}.mlp.lin2.{{w}}"),
+    ("sam.neck.0.weight", f"{TRANSFORMERS_SAM}.neck.conv1.weight"),
+    ("sam.neck.1.{w}", f"{TRANSFORMERS_SAM}.neck.layer_norm1.{{w}}"),
+    ("sam.neck.2.weight", f"{TRANSFORMERS_SAM}.neck.conv2.weight"),
+    ("sam.neck.3.{w}", f"{TRANSFORMERS_SAM}.neck.layer_norm2.{{w}}"),
+    ("sam.net_2.weight", f"{TRANSFORMERS_SAM}.proj.conv1.weight"),
+    ("sam.net_3.weight", f"{TRANSFORMERS_SAM}.proj.conv2.weight"),
+)
+
 
 def _template_regex(template: str) -> str:
     parts = re.split(r"\{(\w+)\}", template)
@@ -34,6 +57,17 @@ def _template_regex(template: str) -> str:
 def _template_expansion(template: str) -> str:
     parts = re.split(r"\{(\w+)\}", template)
     return "".join(rf"\g<{p}>" if n % 2 else p for n, p in enumerate(parts))
+
+
+def transformers_canonical(keys: Collection[str]) -> Callable[[str], str]:
+    """`canonical` for transformers' ports (`UnlimitedOcr*`, `DeepseekOcr2*`): any of the three classes' state dicts
+    read as the base model's (`...Model`): `model.` dropped (conditional generation), `vision_tower.` added (a bare
+    `...VisionModel`)."""
+    if any(key.startswith("model." + TRANSFORMERS_TOWER) for key in keys):
+        return lambda key: key[len("model.") :] if key.startswith("model.") else key
+    if not any(key.startswith(TRANSFORMERS_TOWER) for key in keys):
+        return lambda key: TRANSFORMERS_TOWER + key
+    return lambda key: key
 
 
 def template_table(table: TemplateTable, *, ours_to_theirs: bool) -> KeyTable:

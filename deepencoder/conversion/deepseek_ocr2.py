@@ -4,7 +4,12 @@ the published initialisation (SAM-B + a Qwen2-0.5B decoder's layers).
 - `deepseek-ocr2`: DeepSeek-OCR-2's released checkpoint. Only the vision tensors are read (`model.sam_model.*`,
   `model.qwen2_model.*`, `model.projector.*`, `model.view_seperator`, spelled so); the language model's
   `model.layers.*`, `model.norm.weight`, `model.embed_tokens.*` and `lm_head.*` never are. transformers'
-  `DeepseekOcr2` models save in the same names (without the leading `model.` for the bare `DeepseekOcr2Model`).
+  `DeepseekOcr2` models save in the same names by default (without the leading `model.` for the bare
+  `DeepseekOcr2Model`).
+- `hf-deepseek-ocr2`: transformers' `DeepseekOcr2*` models in transformers' own names (`save_pretrained(...,
+  save_original_format=False)`, and every in-memory state dict): `vision_tower.sam_encoder.*`,
+  `vision_tower.vision_encoder.*`, `vision_tower.query_{768,1024}_resolution.weight`, `multi_modal_projector.*`,
+  `view_separator` (under `model.` in the conditional-generation model).
 - `qwen2`: a Qwen2 causal LM checkpoint (Qwen2-0.5B): its decoder layers and final norm are the encoder stage.
 """
 
@@ -17,7 +22,19 @@ from typing import Any
 from ..configuration_deepencoder import DeepEncoderSamConfig
 from ..configuration_deepencoder_v2 import V2_COMPRESSOR_CHANNELS, DeepEncoderV2Config, DeepEncoderV2EncoderConfig
 from ..modeling_deepencoder_v2 import DeepEncoderV2Model
-from .common import SAM_KEYS, KeyTable, count_layers, instantiate, map_keys, sam_config_from_state_dict
+from .common import (
+    SAM_KEYS,
+    TRANSFORMERS_SAM_MAP,
+    TRANSFORMERS_TOWER,
+    KeyTable,
+    TemplateTable,
+    count_layers,
+    instantiate,
+    map_keys,
+    sam_config_from_state_dict,
+    template_table,
+    transformers_canonical,
+)
 from .formats import CheckpointFormat, ModelFamily, StateDict, bare_prefix
 from .io import CheckpointError
 from .report import ConversionReport
@@ -189,6 +206,62 @@ DEEPSEEK_OCR2 = CheckpointFormat(
 )
 
 
+# ------------------------------------------------------------------------------------------------ transformers' names
+ENCODER = TRANSFORMERS_TOWER + "vision_encoder"
+# (our name, `DeepseekOcr2Model`'s name); `{i}`: block / layer index, `{w}`: weight or bias
+HF_DEEPSEEK_OCR2_MAP: TemplateTable = (
+    *TRANSFORMERS_SAM_MAP,
+    *(
+        (f"encoder.layers.{{i}}.self_attn.{proj}.{{w}}", f"{ENCODER}.layers.{{i}}.self_attn.{proj}.{{w}}")
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
+    ),
+    *(
+        (f"encoder.layers.{{i}}.mlp.{proj}.weight", f"{ENCODER}.layers.{{i}}.mlp.{proj}.weight")
+        for proj in ("gate_proj", "up_proj", "down_proj")
+    ),
+    *(
+        (f"encoder.layers.{{i}}.{norm}.weight", f"{ENCODER}.layers.{{i}}.{norm}.weight")
+        for norm in ("input_layernorm", "post_attention_layernorm")
+    ),
+    ("encoder.norm.weight", f"{ENCODER}.norm.weight"),
+    # the learned query tables, named by view size in transformers and by query count here (side / 64, squared)
+    ("encoder.queries.144", f"{TRANSFORMERS_TOWER}query_768_resolution.weight"),
+    ("encoder.queries.256", f"{TRANSFORMERS_TOWER}query_1024_resolution.weight"),
+    ("projector.{w}", "multi_modal_projector.{w}"),
+    ("view_separator", "view_separator"),
+)
+HF_VISION = re.compile(r"(vision_tower\..+|multi_modal_projector\.(weight|bias)|view_separator)")
+
+
+def from_transformers_names(state_dict: StateDict, source: str = "hf-deepseek-ocr2") -> StateDict:
+    """`DeepseekOcr2Model`-named vision tensors (`vision_tower.*`, `multi_modal_projector.*`, `view_separator`) ->
+    `DeepEncoderV2Model`'s names. Pure (the tensors are the same objects); a key no row maps is an error naming it."""
+    out, unmatched = map_keys(state_dict, template_table(HF_DEEPSEEK_OCR2_MAP, ours_to_theirs=False))
+    if unmatched:
+        raise CheckpointError(f"{source}: keys with no place in the V2 tower: {sorted(unmatched)}")
+    return out
+
+
+HF_DEEPSEEK_OCR2 = CheckpointFormat(
+    name="hf-deepseek-ocr2",
+    description="transformers' DeepseekOcr2ForConditionalGeneration / DeepseekOcr2Model / DeepseekOcr2VisionModel "
+    "in transformers' names (model.vision_tower.sam_encoder.*, model.vision_tower.vision_encoder.*, ...)",
+    family=DEEPENCODER_V2,
+    provides=DEEPENCODER_V2.stages,
+    signatures=(
+        (f"model.{TRANSFORMERS_TOWER}query_768_resolution.weight",),
+        (f"{TRANSFORMERS_TOWER}query_768_resolution.weight",),
+        ("query_768_resolution.weight", "sam_encoder.patch_embed.projection.weight"),
+    ),
+    convert=from_transformers_names,
+    needed=lambda key: HF_VISION.fullmatch(key) is not None and _unused(key) is None,
+    drop_reason=_unused,
+    canonical=transformers_canonical,
+    config_from_json=values_from_config_json,
+    licence="that of the checkpoint converted (DeepSeek-OCR-2's weights: Apache-2.0)",
+)
+
+
 # ------------------------------------------------------------------------------------------------ qwen2 (encoder stage)
 QWEN2_MAP: KeyTable = (
     (r"model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj\.(?:weight|bias))", r"encoder.layers.\1.\2"),
@@ -233,7 +306,7 @@ QWEN2 = CheckpointFormat(
     config_from_json=qwen2_values_from_config_json,
     licence="Apache-2.0 (Qwen2-0.5B weights)",
 )
-FORMATS = (DEEPSEEK_OCR2,)
+FORMATS = (DEEPSEEK_OCR2, HF_DEEPSEEK_OCR2)
 # stage-only layouts whose signatures are generic (a language model's names): detected after every tower format
 STAGE_FORMATS = (QWEN2,)
 

@@ -3,11 +3,13 @@ followed by `build_model` (a whole tower) or `assemble_model` (stages, the rest 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel
 
+from ..dtypes import parse_dtype
 from ..modeling_deepencoder import DeepEncoderModel
 from .common import DEEPENCODER
 from .deepseek_ocr2 import DEEPENCODER_V2, assemble_v2
@@ -193,3 +195,92 @@ def load_composed_v2(
         dtype=dtype,
     )
     return model, report
+
+
+# ------------------------------------------------------------------------------------------------ from_pretrained
+# what `from_pretrained` passes on when the checkpoint is converted on load; anything else is refused by name
+CONVERTED_LOAD_KWARGS = ("revision", "dtype", "torch_dtype", "device_map", "token")
+
+
+def _family_of(model_class: type[PreTrainedModel]) -> ModelFamily:
+    families = {record.family for record in FORMATS.values()}
+    found = [family for family in families if issubclass(model_class, family.model_class)]
+    if not found:
+        raise TypeError(f"{model_class.__name__} is not a tower the converters build")
+    return found[0]
+
+
+def _stated_model_type(path_or_repo_id: str, kwargs: dict[str, Any]) -> tuple[bool, str | None]:
+    """(whether a config.json was found, its `model_type`) for a local folder or a hub id, through transformers'
+    own config resolution (cache, revision, token, offline mode)."""
+    from transformers import PretrainedConfig
+
+    hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if k in kwargs}
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(str(path_or_repo_id), **hub)
+    except OSError:
+        return False, None
+    return True, config_dict.get("model_type")
+
+
+def load_converted_pretrained(
+    model_class: type[PreTrainedModel], path_or_repo_id: str, model_args: tuple, kwargs: dict[str, Any]
+) -> PreTrainedModel | None:
+    """What `DeepEncoderModel.from_pretrained` / `DeepEncoderV2Model.from_pretrained` do with a checkpoint that is not
+    this library's own: None when it is (a config.json of `model_class`'s `model_type`, or a config object given:
+    transformers' loading goes on), else the tower converted on load by `load_tower`, reading only the vision
+    tensors (DeepSeek-OCR / DeepSeek-OCR-2 releases, transformers' `UnlimitedOcr*` / `DeepseekOcr2*`
+    `save_pretrained` in either naming). A checkpoint that holds no tower of `model_class`'s family is a
+    `CheckpointError` naming what it holds, never a randomly initialised model.
+
+    Converted loading takes `revision`, `dtype` (`torch_dtype`; "auto" or absent: the checkpoint's), `device_map`
+    (one device), `token`, and config values (`model_class.config_class` attributes, such as `projector_dim` or
+    `sam_config`); any other keyword is a `TypeError`.
+    """
+    from transformers import PretrainedConfig
+
+    if isinstance(kwargs.get("config"), PretrainedConfig):
+        return None
+    found, model_type = _stated_model_type(path_or_repo_id, kwargs)
+    if model_type == model_class.config_class.model_type:
+        return None
+    local = os.path.exists(str(path_or_repo_id))
+    if not found and not local:
+        return None  # a hub id whose config.json cannot be had (offline, no such repo): transformers' error says so
+    family = _family_of(model_class)
+    config_keys = set(model_class.config_class().to_dict()) - set(CONVERTED_LOAD_KWARGS)
+    unknown = sorted(set(kwargs) - set(CONVERTED_LOAD_KWARGS) - config_keys - {"config"}) + (
+        ["positional arguments"] if model_args else []
+    )
+    if unknown:
+        raise TypeError(
+            f"{path_or_repo_id} is a {model_type or 'non-deepencoder'} checkpoint, converted on load; the conversion "
+            f"takes {', '.join(CONVERTED_LOAD_KWARGS)} and {model_class.config_class.__name__} values, not: "
+            f"{', '.join(unknown)}"
+        )
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
+    filesystem = None
+    if kwargs.get("token") is not None and not local:
+        from huggingface_hub import HfFileSystem
+
+        filesystem = HfFileSystem(token=kwargs["token"])
+    config_kwargs = {key: kwargs[key] for key in config_keys & set(kwargs)}
+    if isinstance(kwargs.get("config"), dict):
+        config_kwargs = {**kwargs["config"], **config_kwargs}
+    model, _ = load_tower(
+        str(path_or_repo_id),
+        family=family,
+        revision=kwargs.get("revision"),
+        dtype=dtype,
+        config_kwargs=config_kwargs,
+        filesystem=filesystem,
+    )
+    if not isinstance(model, model_class):
+        raise TypeError(f"{path_or_repo_id} holds a {type(model).__name__}, not a {model_class.__name__}")
+    device = kwargs.get("device_map")
+    if device is not None:
+        if isinstance(device, dict):
+            raise TypeError("a converted checkpoint loads on one device: device_map='cuda', 'cpu', 0, ...")
+        model.to(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return model

@@ -12,35 +12,32 @@ by default (read by the `deepseek-ocr` format, with this module's config mapping
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from transformers.models.unlimited_ocr.configuration_unlimited_ocr import UnlimitedOcrConfig, UnlimitedOcrVisionConfig
 
 from ..configuration_deepencoder import DeepEncoderConfig
-from .common import DEEPENCODER, FusedTable, TemplateTable, fuse_keys, map_keys, split_keys, template_table
+from .common import (
+    DEEPENCODER,
+    TRANSFORMERS_SAM,
+    TRANSFORMERS_SAM_MAP,
+    TRANSFORMERS_TOWER,
+    FusedTable,
+    TemplateTable,
+    fuse_keys,
+    map_keys,
+    split_keys,
+    template_table,
+    transformers_canonical,
+)
 from .formats import CheckpointFormat, StateDict
 from .io import CheckpointError
 
-SAM, CLIP = "vision_tower.sam_encoder", "vision_tower.vision_encoder"
+SAM, CLIP = TRANSFORMERS_SAM, "vision_tower.vision_encoder"
 # (our name, UnlimitedOcrModel's name); `{i}`: block / layer index, `{w}`: weight or bias
 UNLIMITED_OCR_MAP: TemplateTable = (
-    ("sam.patch_embed.proj.{w}", f"{SAM}.patch_embed.projection.{{w}}"),
-    ("sam.pos_embed", f"{SAM}.pos_embed"),
-    ("sam.blocks.{i}.norm1.{w}", f"{SAM}.layers.{{i}}.layer_norm1.{{w}}"),
-    ("sam.blocks.{i}.norm2.{w}", f"{SAM}.layers.{{i}}.layer_norm2.{{w}}"),
-    ("sam.blocks.{i}.attn.qkv.{w}", f"{SAM}.layers.{{i}}.attn.qkv.{{w}}"),
-    ("sam.blocks.{i}.attn.proj.{w}", f"{SAM}.layers.{{i}}.attn.proj.{{w}}"),
-    ("sam.blocks.{i}.attn.rel_pos_h", f"{SAM}.layers.{{i}}.attn.rel_pos_h"),
-    ("sam.blocks.{i}.attn.rel_pos_w", f"{SAM}.layers.{{i}}.attn.rel_pos_w"),
-    ("sam.blocks.{i}.mlp.lin1.{w}", f"{SAM}.layers.{{i}}.mlp.lin1.{{w}}"),
-    ("sam.blocks.{i}.mlp.lin2.{w}", f"{SAM}.layers.{{i}}.mlp.lin2.{{w}}"),
-    ("sam.neck.0.weight", f"{SAM}.neck.conv1.weight"),
-    ("sam.neck.1.{w}", f"{SAM}.neck.layer_norm1.{{w}}"),
-    ("sam.neck.2.weight", f"{SAM}.neck.conv2.weight"),
-    ("sam.neck.3.{w}", f"{SAM}.neck.layer_norm2.{{w}}"),
-    ("sam.net_2.weight", f"{SAM}.proj.conv1.weight"),
-    ("sam.net_3.weight", f"{SAM}.proj.conv2.weight"),
+    *TRANSFORMERS_SAM_MAP,
     ("clip.embeddings.class_embedding", f"{CLIP}.embeddings.class_embedding"),
     ("clip.embeddings.position_embedding.weight", f"{CLIP}.embeddings.position_embedding.weight"),
     ("clip.pre_layrnorm.{w}", f"{CLIP}.pre_layrnorm.{{w}}"),
@@ -64,7 +61,6 @@ UNUSED: dict[str, str] = {
     f"{CLIP}.embeddings.patch_embedding.weight": "CLIP's conv patch embedding: the tower feeds SAM tokens",
 }
 VISION = re.compile(r"(vision_tower\..+|multi_modal_projector\.(weight|bias)|image_newline|view_separator)")
-TOWER_PREFIX = "vision_tower."
 
 
 # ------------------------------------------------------------------------------------------------ key names
@@ -83,7 +79,7 @@ def to_unlimited_ocr(state_dict: StateDict) -> StateDict:
 def to_unlimited_ocr_vision(state_dict: StateDict) -> StateDict:
     """Our tower's SAM and CLIP stages -> `UnlimitedOcrVisionModel`'s names (`sam_encoder.*`, `vision_encoder.*`)."""
     tower = {k: v for k, v in state_dict.items() if k.startswith(("sam.", "clip."))}
-    return {key[len(TOWER_PREFIX) :]: value for key, value in to_unlimited_ocr(tower).items()}
+    return {key[len(TRANSFORMERS_TOWER) :]: value for key, value in to_unlimited_ocr(tower).items()}
 
 
 def from_unlimited_ocr(state_dict: StateDict, source: str = "hf-unlimited-ocr") -> StateDict:
@@ -95,16 +91,6 @@ def from_unlimited_ocr(state_dict: StateDict, source: str = "hf-unlimited-ocr") 
     if unmatched:
         raise CheckpointError(f"{source}: keys with no place in the tower: {sorted(unmatched)}")
     return {**out, **fused}
-
-
-def canonical(keys: Collection[str]) -> Callable[[str], str]:
-    """Any of the three classes' state dicts read as `UnlimitedOcrModel`'s: `model.` dropped (conditional
-    generation), `vision_tower.` added (a bare `UnlimitedOcrVisionModel`)."""
-    if any(key.startswith("model.vision_tower.") for key in keys):
-        return lambda key: key[len("model.") :] if key.startswith("model.") else key
-    if not any(key.startswith(TOWER_PREFIX) for key in keys):
-        return lambda key: TOWER_PREFIX + key
-    return lambda key: key
 
 
 # ------------------------------------------------------------------------------------------------- configs
@@ -249,7 +235,7 @@ HF_UNLIMITED_OCR = CheckpointFormat(
     convert=from_unlimited_ocr,
     needed=lambda key: VISION.fullmatch(key) is not None and key not in UNUSED,
     drop_reason=UNUSED.get,
-    canonical=canonical,
+    canonical=transformers_canonical,
     config_from_json=deepencoder_config_values,
     licence="that of the checkpoint converted (DeepSeek-OCR's weights: MIT)",
 )

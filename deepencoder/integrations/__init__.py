@@ -5,8 +5,8 @@ engine of transformers' OCR models (`attach` / `detach`), and standalone towers 
 This package imports the model and conversion layers; nothing below it imports it.
 """
 
+from ..conversion.shared_weights import SplitQkvProjection
 from .transformers import (
-    SplitQkvProjection,
     attach,
     detach,
     from_transformers,

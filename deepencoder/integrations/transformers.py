@@ -23,10 +23,8 @@ The tower is kept outside the model's module tree, so the model's `state_dict`, 
 objects (`load_state_dict(..., assign=True)`, adapters swapping modules), the tower is rebuilt on the new ones at the
 next call.
 
-transformers keeps CLIP's query, key and value projections as three `Linear` layers where this library has one fused
-`qkv_proj`; `SplitQkvProjection` stands in for that Linear and computes the fused projection from the three
-parameters (their outputs concatenated), so nothing is copied. Its `state_dict` still has the fused `weight` / `bias`
-(built when saving), so a tower from `from_transformers(model)` saves as an ordinary `DeepEncoderModel` checkpoint.
+The tower on the model's parameters is built by the conversion layer (`deepencoder.conversion.shared_weights`,
+also behind `DeepEncoderModel.from_transformers` / `DeepEncoderV2Model.from_transformers`).
 """
 
 from __future__ import annotations
@@ -37,186 +35,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
 
-from ..conversion.common import map_keys, template_table
-from ..conversion.deepseek_ocr2 import DEEPSEEK_OCR2, v2_config_from_state_dict, values_from_config_json
-from ..conversion.unlimited_ocr import UNLIMITED_OCR_FUSED, UNLIMITED_OCR_MAP, deepencoder_config_from_unlimited_ocr
+from ..conversion.shared_weights import (
+    build_shared_tower,
+    is_deepseek_ocr2,
+    tower_from_transformers,
+    transformers_base_model,
+)
 from ..image_processing_deepencoder import DeepEncoderImageProcessor
 from ..layout import layout_page, layout_query_page
 from ..modeling_deepencoder import DeepEncoderModel
 from ..modeling_deepencoder_v2 import DeepEncoderV2Model
 
 ATTACHMENT_ATTRIBUTE = "_deepencoder_attachment"
-
-
-class SplitQkvProjection(nn.Module):
-    """A fused q/k/v Linear (x -> [q | k | v], (..., C) -> (..., 3C)) over three separate projections' parameters.
-
-    The parameters are the given ones (shared, not copied). `state_dict` shows them fused as `weight` (3C, C) and
-    `bias` (3C,), the layout of an `nn.Linear(C, 3C)`, and `load_state_dict` accepts that layout and writes it into
-    the three parameters in place.
-    """
-
-    def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear) -> None:
-        super().__init__()
-        self.in_features = query.in_features
-        self.out_features = query.out_features + key.out_features + value.out_features
-        self.q_weight, self.k_weight, self.v_weight = query.weight, key.weight, value.weight
-        self.q_bias, self.k_bias, self.v_bias = query.bias, key.bias, value.bias
-        self.register_state_dict_post_hook(_fuse_qkv_state)
-        self.register_load_state_dict_pre_hook(_split_qkv_state)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(..., C) -> (..., 3C)."""
-        return torch.cat(
-            [
-                F.linear(hidden_states, self.q_weight, self.q_bias),
-                F.linear(hidden_states, self.k_weight, self.k_bias),
-                F.linear(hidden_states, self.v_weight, self.v_bias),
-            ],
-            dim=-1,
-        )
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, split q/k/v parameters"
-
-
-def _fuse_qkv_state(module: SplitQkvProjection, state_dict: dict, prefix: str, local_metadata: Any) -> None:
-    for kind in ("weight", "bias"):
-        parts = [state_dict.pop(f"{prefix}{name}_{kind}", None) for name in ("q", "k", "v")]
-        if all(part is not None for part in parts):
-            state_dict[f"{prefix}{kind}"] = torch.cat([part.detach() for part in parts])
-
-
-def _split_qkv_state(module: SplitQkvProjection, state_dict: dict, prefix: str, *args: Any) -> None:
-    for kind in ("weight", "bias"):
-        fused = state_dict.pop(f"{prefix}{kind}", None)
-        if fused is None:
-            continue
-        sizes = [getattr(module, f"{name}_{kind}").shape[0] for name in ("q", "k", "v")]
-        for name, part in zip(("q", "k", "v"), fused.split(sizes)):
-            state_dict[f"{prefix}{name}_{kind}"] = part
-
-
-# ------------------------------------------------------------------------------------------------ the shared tower
-def _inner_model(model: nn.Module) -> nn.Module:
-    """transformers' conditional-generation model or its base model -> the base model holding the vision parts
-    (`UnlimitedOcrModel` or `DeepseekOcr2Model`)."""
-    from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
-        DeepseekOcr2ForConditionalGeneration,
-        DeepseekOcr2Model,
-    )
-    from transformers.models.unlimited_ocr.modeling_unlimited_ocr import (
-        UnlimitedOcrForConditionalGeneration,
-        UnlimitedOcrModel,
-    )
-
-    if isinstance(model, (UnlimitedOcrForConditionalGeneration, DeepseekOcr2ForConditionalGeneration)):
-        return model.model
-    if isinstance(model, (UnlimitedOcrModel, DeepseekOcr2Model)):
-        return model
-    raise TypeError(
-        "expected transformers' UnlimitedOcrForConditionalGeneration / UnlimitedOcrModel or "
-        f"DeepseekOcr2ForConditionalGeneration / DeepseekOcr2Model, got {type(model).__name__}"
-    )
-
-
-def _is_v2(inner: nn.Module) -> bool:
-    return inner.config.model_type == "deepseek_ocr2"
-
-
-def _set_parameter(root: nn.Module, name: str, parameter: nn.Parameter) -> None:
-    owner_name, _, leaf = name.rpartition(".")
-    owner = root.get_submodule(owner_name) if owner_name else root
-    current = owner._parameters.get(leaf)
-    if current is None or current.shape != parameter.shape:
-        shape = None if current is None else tuple(current.shape)
-        raise ValueError(f"{name}: the tower expects {shape}, transformers' model has {tuple(parameter.shape)}")
-    owner._parameters[leaf] = parameter
-
-
-def parameter_sources(names: list[str]) -> dict[str, str | tuple[str, ...]]:
-    """Our parameter names -> the `UnlimitedOcrModel` parameter each one is (a tuple of the q, k, v names for a fused
-    projection), read off the conversion layer's `hf-unlimited-ocr` tables. A name with no counterpart is an error."""
-    plain, unmatched = map_keys({name: name for name in names}, template_table(UNLIMITED_OCR_MAP, ours_to_theirs=True))
-    sources: dict[str, str | tuple[str, ...]] = {ours: theirs for theirs, ours in plain.items()}
-    for fused, parts in UNLIMITED_OCR_FUSED:
-        # one (ours -> theirs) map per part: the fused name to the q, the k and the v name in turn
-        per_part = [
-            {
-                ours: theirs
-                for theirs, ours in map_keys(
-                    {name: name for name in unmatched}, template_table(((fused, part),), ours_to_theirs=True)
-                )[0].items()
-            }
-            for part in parts
-        ]
-        for ours in per_part[0]:
-            sources[ours] = tuple(found[ours] for found in per_part)
-    missing = sorted(set(names) - set(sources))
-    if missing:
-        raise ValueError(f"tower parameters with no counterpart in transformers' UnlimitedOcrModel: {missing}")
-    return sources
-
-
-def _shared_v1_tower(inner: nn.Module) -> DeepEncoderModel:
-    config = deepencoder_config_from_unlimited_ocr(inner.config)
-    with torch.device("meta"), init.no_init_weights():
-        tower = DeepEncoderModel(config)
-    theirs = dict(inner.named_parameters())
-    for name, source in parameter_sources([name for name, _ in tower.named_parameters()]).items():
-        if isinstance(source, str):
-            _set_parameter(tower, name, theirs[source])
-        elif name.endswith(".weight"):  # a fused q/k/v Linear: replaced whole, once (its bias comes with it)
-            owner = name.rpartition(".")[0]
-            parent, _, child = owner.rpartition(".")
-            linears = [inner.get_submodule(part.rpartition(".")[0]) for part in source]
-            setattr(tower.get_submodule(parent), child, SplitQkvProjection(*linears))
-    return tower
-
-
-def v2_shared_state(inner: nn.Module) -> dict[str, nn.Parameter]:
-    """`DeepseekOcr2Model`'s vision parameters under `DeepEncoderV2Model`'s names (the same objects). The names go
-    through transformers' own mapping back to DeepSeek-OCR-2's checkpoint names (what its `save_pretrained` writes),
-    then through the conversion layer's `deepseek-ocr2` format record."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    vision = {name: parameter for name, parameter in inner.named_parameters() if not name.startswith("language_model.")}
-    original = revert_weight_conversion(inner, dict(vision))
-    canonical = DEEPSEEK_OCR2.canonical(list(original))
-    needed = {canonical(key): tensor for key, tensor in original.items() if DEEPSEEK_OCR2.needed(canonical(key))}
-    return DEEPSEEK_OCR2.convert(needed, "transformers' DeepseekOcr2Model")
-
-
-def _shared_v2_tower(inner: nn.Module) -> DeepEncoderV2Model:
-    state = v2_shared_state(inner)
-    config = v2_config_from_state_dict(state, values_from_config_json(inner.config.to_dict()), {})
-    with torch.device("meta"), init.no_init_weights():
-        tower = DeepEncoderV2Model(config)
-    missing = sorted(set(name for name, _ in tower.named_parameters()) - set(state))
-    if missing:
-        raise ValueError(f"tower parameters with no counterpart in transformers' DeepseekOcr2Model: {missing}")
-    for name, parameter in state.items():
-        _set_parameter(tower, name, parameter)
-    return tower
-
-
-def build_shared_tower(inner: nn.Module) -> DeepEncoderModel | DeepEncoderV2Model:
-    """The tower whose every parameter is the corresponding parameter object of transformers' base model `inner`
-    (`UnlimitedOcrModel` -> `DeepEncoderModel`, `DeepseekOcr2Model` -> `DeepEncoderV2Model`): vision tower,
-    projector, separator (and v1's newline). Built on the meta device first, so no tensor of the tower's own is ever
-    allocated."""
-    tower = _shared_v2_tower(inner) if _is_v2(inner) else _shared_v1_tower(inner)
-    left = [name for name, parameter in tower.named_parameters() if parameter.is_meta]
-    if left:
-        raise ValueError(f"tower parameters with no counterpart in transformers' {type(inner).__name__}: {left}")
-    dtypes = {parameter.dtype for parameter in tower.parameters()}
-    if len(dtypes) == 1:
-        tower.config.dtype = dtypes.pop()
-    return tower.train(inner.vision_tower.training)
 
 
 # ------------------------------------------------------------------------------------------------ image features
@@ -331,7 +163,7 @@ class Attachment:
 
 
 def _vision_parameters(inner: nn.Module) -> list[nn.Parameter]:
-    extra = [] if _is_v2(inner) else [inner.image_newline]
+    extra = [] if is_deepseek_ocr2(inner) else [inner.image_newline]
     return [
         *inner.vision_tower.parameters(),
         *inner.multi_modal_projector.parameters(),
@@ -360,7 +192,7 @@ def _serve(self: nn.Module, stock_inputs: dict[str, Any], kwargs: dict[str, Any]
         return type(self).get_image_features(self, **stock_inputs, **kwargs)
     return_dict = kwargs.pop("return_dict", True)
     output_hidden_states = bool(kwargs.pop("output_hidden_states", False))
-    features = tower_v2_image_features if _is_v2(self) else tower_image_features
+    features = tower_v2_image_features if is_deepseek_ocr2(self) else tower_image_features
     output = features(_current_tower(self), output_hidden_states=output_hidden_states, **stock_inputs)
     return output if return_dict else output.to_tuple()
 
@@ -406,33 +238,35 @@ def attach(model: nn.Module) -> DeepEncoderModel | DeepEncoderV2Model:
     the inputs of transformers' processor unchanged. Attaching twice returns the same tower; `detach(model)` undoes
     it.
     """
-    inner = _inner_model(model)
+    inner = transformers_base_model(model)
     if ATTACHMENT_ATTRIBUTE in inner.__dict__:
         return _current_tower(inner)
     tower = build_shared_tower(inner)
     # outside the module tree: the model's state_dict, parameters() and save_pretrained stay as they were
     inner.__dict__[ATTACHMENT_ATTRIBUTE] = Attachment(tower, _vision_parameters(inner))
-    method = _attached_get_image_features_v2 if _is_v2(inner) else _attached_get_image_features
+    method = _attached_get_image_features_v2 if is_deepseek_ocr2(inner) else _attached_get_image_features
     inner.__dict__["get_image_features"] = types.MethodType(method, inner)
     return tower
 
 
 def detach(model: nn.Module) -> None:
     """Restore transformers' own vision path on a model `attach` was called on (no-op otherwise)."""
-    inner = _inner_model(model)
+    inner = transformers_base_model(model)
     inner.__dict__.pop(ATTACHMENT_ATTRIBUTE, None)
     inner.__dict__.pop("get_image_features", None)
 
 
 def is_attached(model: nn.Module) -> bool:
-    return ATTACHMENT_ATTRIBUTE in _inner_model(model).__dict__
+    return ATTACHMENT_ATTRIBUTE in transformers_base_model(model).__dict__
 
 
 def from_transformers(model: nn.Module) -> DeepEncoderModel | DeepEncoderV2Model:
     """A standalone tower (`DeepEncoderModel`, or `DeepEncoderV2Model` for DeepSeek-OCR-2) on `model`'s own vision
-    parameters (shared, not copied); `model` itself is left untouched. `tower(**DeepEncoderImageProcessor(...)(pages))` then works as for any tower, and
-    `tower.save_pretrained(dir)` writes an ordinary DeepEncoder checkpoint."""
-    return build_shared_tower(_inner_model(model))
+    parameters (shared, not copied); `model` itself is left untouched. `tower(**DeepEncoderImageProcessor(...)(pages))`
+    then works as for any tower, and `tower.save_pretrained(dir)` writes an ordinary DeepEncoder checkpoint. The same
+    as `DeepEncoderModel.from_transformers(model)` / `DeepEncoderV2Model.from_transformers(model)` without naming the
+    family."""
+    return tower_from_transformers(model)
 
 
 def image_processor_from_transformers(image_processor: Any) -> DeepEncoderImageProcessor:
