@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from fixtures.v2_support import tiny_config_kwargs, to_deepseek_ocr2, transformers_reference
+from fixtures.v2_support import tiny_config_kwargs, to_deepseek_ocr2, transformers_ocr2
 from helpers import random_model, randomize_, rel_err
 from safetensors.torch import save_file
 from test_conversion_sources import CountingFileSystem
@@ -96,22 +96,10 @@ def test_transformers_deepseek_ocr2_save_pretrained_loads(tmp_path, original_nam
     transformers' own with `save_original_format=False`; its config.json states the encoder's heads. Either reads
     only the vision tensors, through `from_deepseek_ocr2`, `from_pretrained` and `deepencoder convert`, and the
     tower's pages equal transformers' `get_image_features`."""
-    from transformers.models.deepseek_ocr2.configuration_deepseek_ocr2 import DeepseekOcr2Config
-    from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import DeepseekOcr2ForConditionalGeneration
-
     model = tiny_v2(seed=2)
-    reference, projector = transformers_reference(model)
-    text = dict(
-        hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=20000,
-        mlp_layer_types=["dense"],
-    )  # fmt: skip
-    full = DeepseekOcr2ForConditionalGeneration(DeepseekOcr2Config(vision_config=reference.config, text_config=text))
-    full.model.vision_tower.load_state_dict(reference.state_dict())
-    full.model.multi_modal_projector.load_state_dict(projector.state_dict())
-    with torch.no_grad():
-        full.model.view_separator.copy_(model.view_separator)
+    full = transformers_ocr2(model, vocab_size=20000)
     source = tmp_path / "hf"
-    full.eval().save_pretrained(source, save_original_format=original_names)
+    full.save_pretrained(source, save_original_format=original_names)
     filesystem = CountingFileSystem()
     part = read_converted(str(source), filesystem=filesystem)
     assert part.format.name == ("deepseek-ocr2" if original_names else "hf-deepseek-ocr2")

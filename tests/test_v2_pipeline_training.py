@@ -90,10 +90,11 @@ def test_ocr_vlm_with_a_v2_tower():
 
 
 def test_encode_command_takes_v2_weights_in_either_layout(tmp_path):
-    """`deepencoder encode --weights <V2> --mode ocr2` from the command line: a save_pretrained directory and a
-    DeepSeek-OCR-2-layout checkpoint both give a V2 tower (the tower class follows from the weights), with the
-    stored tensors equal to the model's pages and a preview whose budget counts queries."""
-    from fixtures.v2_support import to_deepseek_ocr2
+    """`deepencoder encode --weights <V2> --mode ocr2` from the command line: a save_pretrained directory, a
+    DeepSeek-OCR-2-layout checkpoint and transformers' `DeepseekOcr2ForConditionalGeneration` saved in its own names
+    all give a V2 tower (the tower class follows from the weights), with the stored tensors equal to the model's
+    pages and a preview whose budget counts queries."""
+    from fixtures.v2_support import to_deepseek_ocr2, transformers_ocr2
     from safetensors.torch import save_file
 
     from deepencoder.cli import main
@@ -106,13 +107,14 @@ def test_encode_command_takes_v2_weights_in_either_layout(tmp_path):
     # a tiny encoder's head counts are stated, as a transformers DeepseekOcr2 config.json states them
     heads = {"num_attention_heads": 4, "num_key_value_heads": 2}
     (tmp_path / "v2-deepseek" / "config.json").write_text(json.dumps({"vision_config": {"encoder_config": heads}}))
+    transformers_ocr2(model).save_pretrained(tmp_path / "v2-transformers", save_original_format=False)
     (tmp_path / "in").mkdir()
     page = make_page("tiles_2x1")
     page.save(tmp_path / "in" / "wide.png")
     processor = DeepEncoderImageProcessor(mode="ocr2")
     with torch.inference_mode():
         expected = model(**processor(page)).image_embeds[0]
-    for name in ("v2-own", "v2-deepseek"):
+    for name in ("v2-own", "v2-deepseek", "v2-transformers"):
         out = tmp_path / f"out-{name}"
         args = ["encode", str(tmp_path / "in"), "--weights", str(tmp_path / name), "--mode", "ocr2"]
         assert main([*args, "--out", str(out), "--preview", str(tmp_path / f"preview-{name}")]) == 0
