@@ -1,17 +1,25 @@
 """Prefill of one page in transformers' OCR model: its stock vision path against this library's tower attached.
 
-    python -m benchmarks.vlm_prefill [--page 1240x1754] [--rounds 3] [--text-layers 2] [--device cpu] [--dtype fp32]
+    python -m benchmarks.vlm_prefill [--model unlimited-ocr | deepseek-ocr2] [--page 1240x1754] [--rounds 3]
+                                     [--text-layers 2] [--device cpu] [--dtype fp32]
     python -m benchmarks.vlm_prefill --allocators glibc,glibc-tuned,tcmalloc     # a row per allocator
 
-One process, one model (`UnlimitedOcrForConditionalGeneration`: the full-size vision config with random weights,
-DeepSeek-OCR's language model width and vocabulary with `--text-layers` layers, 12 in the released model), one page
-through transformers' own processor in Gundam settings (1024 px global view, 640 px tiles, up to 9). Each round runs
-the prefill (`forward` over the whole prompt, last-position logits as `generate`'s prefill computes them) with the
-stock path and with the tower attached, alternating which goes first, so machine drift slows both alike; what the
-language model receives (the prompt's embeddings with the image features in place) and the logits are compared on
-every round. Both paths of a row run under the same allocator (`deepencoder.runtime`: the one `configure_allocator`
-picks, or one process per `--allocators` entry), named in the row with the thread count. Results:
-benchmarks/results/vlm-prefill-<device>-<dtype>.json (a list of rows).
+One process, one model with the full-size vision config and random weights, one page through transformers' own
+processor:
+- `unlimited-ocr`: `UnlimitedOcrForConditionalGeneration` (DeepSeek-OCR's architecture; the tower attached is a
+  `DeepEncoderModel`), DeepSeek-OCR's language model width and vocabulary with `--text-layers` layers (12 in the
+  released model), the processor in Gundam settings (1024 px global view, 640 px tiles, up to 9);
+- `deepseek-ocr2`: `DeepseekOcr2ForConditionalGeneration` (SAM ViT-B + the Qwen2-0.5B encoder with learned queries;
+  a `DeepEncoderV2Model` attached), DeepSeek-OCR-2's language model shape (width 1280, vocabulary 129280, a dense
+  first layer, then MoE layers of 64 experts, 6 routed) with `--text-layers` layers, the processor at its defaults
+  (1024 px global view, 768 px tiles, 2 to 6).
+Each round runs the prefill (`forward` over the whole prompt, last-position logits as `generate`'s prefill computes
+them) with the stock path and with the tower attached, alternating which goes first, so machine drift slows both
+alike; what the language model receives (the prompt's embeddings with the image features in place) and the logits
+are compared on every round. Both paths of a row run under the same allocator (`deepencoder.runtime`: the one
+`configure_allocator` picks, or one process per `--allocators` entry), named in the row with the thread count.
+Results: benchmarks/results/vlm-prefill-<device>-<dtype>.json for `unlimited-ocr`,
+vlm-prefill-deepseek-ocr2-<device>-<dtype>.json for `deepseek-ocr2` (a list of rows).
 """
 
 from __future__ import annotations
@@ -36,38 +44,68 @@ from deepencoder.integrations import attach, detach, image_processor_from_transf
 RESULTS = Path(__file__).parent / "results"
 
 
-def build(text_layers: int, dtype: torch.dtype, device: str, seed: int = 0):
-    """Full-size vision, random weights (rel-pos and pos-embed included, which transformers initialises to 0)."""
-    from transformers import UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration
+# DeepSeek-OCR-2's encoder (Qwen2-0.5B's decoder stack) and language model (DeepSeek's 3B MoE: a dense first layer,
+# then MoE layers); transformers' config defaults are neither
+QWEN2_0_5B = dict(
+    hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2
+)
+OCR2_TEXT = dict(
+    hidden_size=1280, intermediate_size=6848, num_attention_heads=10, num_key_value_heads=10, vocab_size=129280,
+    moe_intermediate_size=896, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+)  # fmt: skip
 
-    config = UnlimitedOcrConfig(text_config={"num_hidden_layers": text_layers})
+
+def build(model_name: str, text_layers: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """Full-size vision, random weights (rel-pos and pos-embed included, which transformers initialises to 0)."""
+    if model_name == "deepseek-ocr2":
+        from transformers import DeepseekOcr2Config, DeepseekOcr2ForConditionalGeneration
+
+        layers = ["dense"] + ["moe"] * (text_layers - 1)
+        text = {**OCR2_TEXT, "num_hidden_layers": text_layers, "mlp_layer_types": layers}
+        config = DeepseekOcr2Config(vision_config={"encoder_config": QWEN2_0_5B}, text_config=text)
+        model_class = DeepseekOcr2ForConditionalGeneration
+    else:
+        from transformers import UnlimitedOcrConfig, UnlimitedOcrForConditionalGeneration
+
+        config = UnlimitedOcrConfig(text_config={"num_hidden_layers": text_layers})
+        model_class = UnlimitedOcrForConditionalGeneration
     torch.manual_seed(seed)
-    model = UnlimitedOcrForConditionalGeneration(config)
+    model = model_class(config)
     with torch.no_grad():
         for name, parameter in model.model.vision_tower.named_parameters():
             if name.endswith(("rel_pos_h", "rel_pos_w", "pos_embed")):
                 parameter.normal_(std=0.02)
+        model.model.view_separator.normal_(std=0.02)
     return model.to(device, dtype).eval()
 
 
-def page_inputs(model, width: int, height: int, device: str, dtype: torch.dtype) -> dict:
-    """One noise page of width x height px through transformers' processor in Gundam settings, and a prompt holding
-    as many image tokens as the model lays out for it."""
+def page_inputs(model, model_name: str, width: int, height: int, device: str, dtype: torch.dtype) -> dict:
+    """One noise page of width x height px through transformers' processor (Gundam settings for `unlimited-ocr`, the
+    defaults for `deepseek-ocr2`), and a prompt holding as many image tokens as the model lays out for it."""
     from PIL import Image
-    from transformers import UnlimitedOcrImageProcessor
 
-    processor = UnlimitedOcrImageProcessor(size={"height": 1024, "width": 1024}, tile_size=640, max_patches=9)
+    if model_name == "deepseek-ocr2":
+        from transformers import DeepseekOcr2ImageProcessor
+
+        processor = DeepseekOcr2ImageProcessor()
+    else:
+        from transformers import UnlimitedOcrImageProcessor
+
+        processor = UnlimitedOcrImageProcessor(size={"height": 1024, "width": 1024}, tile_size=640, max_patches=9)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
     inputs = processor(Image.fromarray(pixels.numpy()), return_tensors="pt")
-    tokens = image_processor_from_transformers(processor).num_image_tokens(width, height)
+    plan = image_processor_from_transformers(processor).plan(width, height)
     image_token = model.config.image_token_id
     text = torch.randint(0, 1000, (1, 12), generator=generator)
-    input_ids = torch.cat([torch.full((1, tokens), image_token), text], dim=1)
-    out = {k: v.to(device, dtype) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    input_ids = torch.cat([torch.full((1, plan.num_tokens), image_token), text], dim=1)
+    out = {
+        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
+        for k, v in inputs.items()
+    }
     out["input_ids"] = input_ids.to(device)
     out["attention_mask"] = torch.ones_like(out["input_ids"])
-    return out
+    return out, plan
 
 
 def _sync(device: str) -> None:
@@ -92,8 +130,8 @@ def measure(args) -> dict:
     """One row: build, then `args.rounds` interleaved rounds of the prefill with each path, in this process."""
     dtype = parse_dtype(args.dtype)
     width, height = (int(v) for v in args.page.lower().split("x"))
-    model = build(args.text_layers, dtype, args.device)
-    inputs = page_inputs(model, width, height, args.device, dtype)
+    model = build(args.model, args.text_layers, dtype, args.device)
+    inputs, plan = page_inputs(model, args.model, width, height, args.device, dtype)
 
     # what the language model receives (image features scattered into the prompt), captured without extra work
     received: list[torch.Tensor] = []
@@ -118,10 +156,12 @@ def measure(args) -> dict:
 
     best = {name: min(values) for name, values in times.items()}
     median = {name: statistics.median(values) for name, values in times.items()}
+    tiles = int(inputs["num_local_patches"][0]) if "num_local_patches" in inputs else 0
     return {
+        "model": args.model,
         "page": [width, height],
-        "tile_grid": inputs["patches_grid"][0],
-        "tiles": inputs["num_local_patches"][0],
+        "tile_grid": list(plan.tile_grid or (0, 0)),
+        "tiles": tiles,
         "prompt_tokens": inputs["input_ids"].shape[1],
         "text_layers": args.text_layers,
         "device": args.device,
@@ -145,15 +185,15 @@ def measure(args) -> dict:
 
 def table(records: list[dict]) -> str:
     lines = [
-        "| page | tiles | prompt tokens | LM layers | allocator | threads | prefill stock (best / median s) | "
+        "| model | page | tiles | prompt tokens | LM layers | allocator | threads | prefill stock (best / median s) | "
         "prefill attached (best / median s) | speed-up (best / median) | rel. err image features / logits |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         (width, height), (columns, rows) = r["page"], r["tile_grid"]
         best, median = r["best"], r["median"]
         lines.append(
-            f"| {width}x{height} | {columns}x{rows} | {r['prompt_tokens']} | {r['text_layers']} | {r['allocator']} | "
+            f"| {r.get('model', 'unlimited-ocr')} | {width}x{height} | {columns}x{rows} | {r['prompt_tokens']} | {r['text_layers']} | {r['allocator']} | "
             f"{r['threads']} | {best['prefill stock']:.2f} / {median['prefill stock']:.2f} | "
             f"{best['prefill ours']:.2f} / {median['prefill ours']:.2f} | "
             f"{r['prefill_speedup_best']:.2f}x / {r['prefill_speedup_median']:.2f}x | "
@@ -164,6 +204,7 @@ def table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("unlimited-ocr", "deepseek-ocr2"), default="unlimited-ocr")
     parser.add_argument("--page", default="1240x1754", help="page size WxH in px (default: A4 at 150 dpi)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--text-layers", type=int, default=2)
@@ -182,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.row_out is not None:  # a child: the parent chose its allocator
         args.row_out.write_text(json.dumps(measure(args)))
         return 0
-    out = args.out or RESULTS / f"vlm-prefill-{args.device.split(':')[0]}-{args.dtype}.json"
+    stem = "vlm-prefill" if args.model == "unlimited-ocr" else f"vlm-prefill-{args.model}"
+    out = args.out or RESULTS / f"{stem}-{args.device.split(':')[0]}-{args.dtype}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.allocators is None:
         runtime.configure_allocator()  # may re-execute this command once, with the allocator preloaded

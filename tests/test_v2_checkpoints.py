@@ -125,12 +125,22 @@ def test_transformers_deepseek_ocr2_save_pretrained_loads(tmp_path, original_nam
     assert rel_err(ours, theirs) <= 1e-4
 
 
-def test_from_pretrained_refuses_what_holds_no_tower_of_its_family(tmp_path):
-    """A checkpoint of the other tower, or keywords a converted load cannot honour, are errors naming them, not a
-    randomly initialised model; this library's own directories still load through transformers."""
+def test_from_pretrained_converts_with_config_values_and_refuses_what_holds_no_tower_of_its_family(tmp_path):
+    """A DeepSeek-OCR-2 checkpoint with no config.json loads through `from_pretrained` with the head counts given as
+    config values; a checkpoint of the other tower, or keywords a converted load cannot honour, are errors naming
+    them, not a randomly initialised model; this library's own directories still load through transformers."""
     from transformers import AutoModel
 
-    write_deepseek_ocr2_checkpoint(tiny_v2(seed=1), tmp_path / "ocr2")
+    model = tiny_v2(seed=1)
+    write_deepseek_ocr2_checkpoint(model, tmp_path / "ocr2")
+    loaded = DeepEncoderV2Model.from_pretrained(str(tmp_path / "ocr2"), device_map="cpu", **HEADS)
+    assert (loaded.config.encoder_config.num_attention_heads, loaded.config.encoder_config.num_key_value_heads) == (
+        4,
+        2,
+    )
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(TypeError, match="config"):
+        DeepEncoderV2Model.from_pretrained(str(tmp_path / "ocr2"), config="elsewhere/config.json")
     with pytest.raises(CheckpointError, match="deepseek-ocr2 checkpoint"):
         DeepEncoderModel.from_pretrained(str(tmp_path / "ocr2"))
     with pytest.raises(TypeError, match="attn_implementation"):

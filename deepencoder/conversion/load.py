@@ -249,8 +249,12 @@ def load_converted_pretrained(
         return None  # a hub id whose config.json cannot be had (offline, no such repo): transformers' error says so
     family = _family_of(model_class)
     config_keys = set(model_class.config_class().to_dict()) - set(CONVERTED_LOAD_KWARGS)
-    unknown = sorted(set(kwargs) - set(CONVERTED_LOAD_KWARGS) - config_keys - {"config"}) + (
-        ["positional arguments"] if model_args else []
+    unknown = sorted(set(kwargs) - set(CONVERTED_LOAD_KWARGS) - config_keys - {"config"})
+    unknown += ["positional arguments"] if model_args else []
+    unknown += (
+        ["config (other than a dict of config values)"]
+        if kwargs.get("config") is not None and not isinstance(kwargs["config"], dict)
+        else []
     )
     if unknown:
         raise TypeError(
@@ -282,5 +286,8 @@ def load_converted_pretrained(
     if device is not None:
         if isinstance(device, dict):
             raise TypeError("a converted checkpoint loads on one device: device_map='cuda', 'cpu', 0, ...")
-        model.to(device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device == "auto":
+            accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+            device = accelerator or "cpu"
+        model.to(device)
     return model
