@@ -18,6 +18,7 @@ from .freezing import FreezeTargets, FreezingMixin
 from .layout import group_views_by_size, layout_page, tile_counts
 from .modeling_clip import ClipEmbeddings, DeepEncoderClipModel
 from .modeling_sam import DeepEncoderSamModel, SamAttention
+from .modeling_utils import TowerLoadingMixin
 
 
 @dataclass
@@ -117,7 +118,7 @@ class DeepEncoderPreTrainedModel(FreezingMixin, PreTrainedModel):
             init.normal_(module.view_separator, std=embed_std)
 
 
-class DeepEncoderModel(DeepEncoderPreTrainedModel):
+class DeepEncoderModel(TowerLoadingMixin, DeepEncoderPreTrainedModel):
     """The DeepSeek-OCR vision tower.
 
     `forward(pixel_values, pixel_values_tiles=None, tile_grids=None)` takes the processor's output and returns one
@@ -135,6 +136,8 @@ class DeepEncoderModel(DeepEncoderPreTrainedModel):
         self.post_init()
 
     # ------------------------------------------------------------------ loading
+    # (`from_pretrained`, which also converts other checkpoints of the tower, and `from_transformers`: from
+    # `TowerLoadingMixin`, deepencoder/modeling_utils.py)
     @classmethod
     def from_deepseek_ocr(
         cls, path_or_repo_id: str, *, revision: str | None = None, dtype: torch.dtype | None = None, **kwargs
@@ -144,29 +147,6 @@ class DeepEncoderModel(DeepEncoderPreTrainedModel):
         from .conversion.load import load_deepseek_ocr
 
         return load_deepseek_ocr(path_or_repo_id, revision=revision, dtype=dtype, config_kwargs=kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> DeepEncoderModel:
-        """transformers' `from_pretrained` for this library's checkpoints (local folder or hub id). Any other
-        checkpoint holding this tower (DeepSeek-OCR's release, transformers' `UnlimitedOcr*` `save_pretrained` in either naming) is converted on load, reading only
-        the vision tensors; one that holds no such tower is an error, never a randomly initialised model. See
-        `deepencoder.conversion.load.load_converted_pretrained` for the keywords a converted load takes."""
-        from .conversion.load import load_converted_pretrained
-
-        converted = load_converted_pretrained(cls, pretrained_model_name_or_path, model_args, kwargs)
-        if converted is not None:
-            return converted
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-
-    @classmethod
-    def from_transformers(cls, model: torch.nn.Module) -> DeepEncoderModel:
-        """A standalone tower on the vision parameters of transformers' `UnlimitedOcrForConditionalGeneration` /
-        `UnlimitedOcrModel` (the same `nn.Parameter` objects: no copy, no second load; `model` is left untouched).
-        It runs on this library's processor and saves as an ordinary DeepEncoder checkpoint. To make the
-        transformers model itself run on this tower, see `deepencoder.integrations.attach`."""
-        from .conversion.shared_weights import tower_from_transformers
-
-        return tower_from_transformers(model, cls)
 
     def set_attention_kernel(self, rel_pos: str | None = None) -> None:
         """Pin the kernel SAM's rel-pos attention runs with (`mask`, `folded`, `eager`, or one registered with

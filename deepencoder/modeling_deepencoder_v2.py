@@ -28,6 +28,7 @@ from .configuration_deepencoder_v2 import DeepEncoderV2Config, DeepEncoderV2Enco
 from .freezing import FreezeTargets, FreezingMixin
 from .layout import group_views_by_size, layout_query_page, tile_counts
 from .modeling_sam import DeepEncoderSamModel, SamAttention
+from .modeling_utils import TowerLoadingMixin
 
 
 @dataclass
@@ -285,7 +286,7 @@ class DeepEncoderV2PreTrainedModel(FreezingMixin, PreTrainedModel):
             init.normal_(module.view_separator, std=1 / math.sqrt(self.config.projector_dim))
 
 
-class DeepEncoderV2Model(DeepEncoderV2PreTrainedModel):
+class DeepEncoderV2Model(TowerLoadingMixin, DeepEncoderV2PreTrainedModel):
     """The DeepSeek-OCR-2 vision tower.
 
     `forward(pixel_values, pixel_values_tiles=None, tile_grids=None)` takes the processor's output (mode `ocr2` or
@@ -302,6 +303,8 @@ class DeepEncoderV2Model(DeepEncoderV2PreTrainedModel):
         self.post_init()
 
     # ------------------------------------------------------------------ loading
+    # (`from_pretrained`, which also converts other checkpoints of the tower, and `from_transformers`: from
+    # `TowerLoadingMixin`, deepencoder/modeling_utils.py)
     @classmethod
     def from_deepseek_ocr2(
         cls, path_or_repo_id: str, *, revision: str | None = None, dtype: torch.dtype | None = None, **kwargs
@@ -316,29 +319,6 @@ class DeepEncoderV2Model(DeepEncoderV2PreTrainedModel):
             path_or_repo_id, family=DEEPENCODER_V2, revision=revision, dtype=dtype, config_kwargs=kwargs
         )
         return model
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> DeepEncoderV2Model:
-        """transformers' `from_pretrained` for this library's checkpoints (local folder or hub id). Any other
-        checkpoint holding this tower (DeepSeek-OCR-2's release, transformers' `DeepseekOcr2*` `save_pretrained` in either naming) is converted on load, reading only
-        the vision tensors; one that holds no such tower is an error, never a randomly initialised model. See
-        `deepencoder.conversion.load.load_converted_pretrained` for the keywords a converted load takes."""
-        from .conversion.load import load_converted_pretrained
-
-        converted = load_converted_pretrained(cls, pretrained_model_name_or_path, model_args, kwargs)
-        if converted is not None:
-            return converted
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-
-    @classmethod
-    def from_transformers(cls, model: nn.Module) -> DeepEncoderV2Model:
-        """A standalone tower on the vision parameters of transformers' `DeepseekOcr2ForConditionalGeneration` /
-        `DeepseekOcr2Model` (the same `nn.Parameter` objects: no copy, no second load; `model` is left untouched).
-        It runs on this library's processor (`mode="ocr2"`) and saves as an ordinary DeepEncoder V2 checkpoint. To
-        make the transformers model itself run on this tower, see `deepencoder.integrations.attach`."""
-        from .conversion.shared_weights import tower_from_transformers
-
-        return tower_from_transformers(model, cls)
 
     # ------------------------------------------------------------------ compute
     def encode_views(
