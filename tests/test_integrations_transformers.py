@@ -5,6 +5,7 @@ before `attach` / after `detach`), its processor and its `generate`."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 from pathlib import Path
@@ -184,7 +185,7 @@ def test_attach_shares_every_parameter_and_keeps_the_saved_state_dict(tiny, tmp_
         assert {id(p) for p in ours} == {id(p) for p in theirs}  # the same objects: moves and loads reach both
         qkv = tower.clip.transformer.layers[0].self_attn.qkv_proj
         hf_attn = inner.vision_tower.vision_encoder.encoder.layers[0].self_attn
-        assert qkv.q_weight.data_ptr() == hf_attn.q_proj.weight.data_ptr()
+        assert qkv.query is hf_attn.q_proj and qkv.query.weight.data_ptr() == hf_attn.q_proj.weight.data_ptr()
         assert tower.sam.blocks[1].attn.rel_pos_h.data_ptr() == (
             inner.vision_tower.sam_encoder.layers[1].attn.rel_pos_h.data_ptr()
         )
@@ -255,6 +256,103 @@ def test_loading_a_deepencoder_state_dict_into_the_shared_tower_writes_transform
         for (name, theirs), mine in zip(model.model.named_parameters(), fresh.model.parameters()):
             if "language_model" not in name:
                 assert torch.equal(theirs, mine), name
+
+
+# ------------------------------------------------------------------------------------------------ training
+def loss_gradients(model, inputs) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient of the language-model loss over the real prompt tokens."""
+    model.zero_grad(set_to_none=True)
+    labels = inputs["input_ids"].masked_fill(~inputs["attention_mask"].bool(), -100)
+    model(**inputs, labels=labels).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def check_attached_training_matches_stock(model, inputs) -> None:
+    """Fine-tuning transformers' model with the tower attached: the same gradients for every parameter (vision,
+    projector, layout embeddings, language model) as the stock path, in train mode and with transformers' gradient
+    checkpointing switched on (which the tower, outside the module tree, follows)."""
+    model.train()
+    try:
+        stock = loss_gradients(model, inputs)
+        tower = attach(model)
+        ours = loss_gradients(model, inputs)
+        assert tower.training
+        model.activation_checkpointing_enable()
+        checkpointed = loss_gradients(model, inputs)
+        assert tower.is_activation_checkpointing
+        model.activation_checkpointing_disable()
+        loss_gradients(model, inputs)
+        assert not tower.is_activation_checkpointing
+    finally:
+        detach(model)
+        model.activation_checkpointing_disable()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    for part in ("sam_encoder.layers.0.attn.rel_pos_h", "vision_encoder", "multi_modal_projector", "view_separator"):
+        assert any(part in name for name in stock), part
+    assert stock.keys() == ours.keys() == checkpointed.keys()
+    for name in stock:
+        assert rel_err(ours[name], stock[name]) < 1e-4, name
+        assert rel_err(checkpointed[name], stock[name]) < 1e-4, name
+
+
+def test_training_through_the_attached_tower_gives_the_stock_gradients(tiny):
+    check_attached_training_matches_stock(*tiny)
+
+
+def check_lora_on_the_model_acts_on_the_attached_tower(model, inputs, targets: str) -> None:
+    """PEFT LoRA on transformers' own vision modules (adapters with non-zero weights), the tower attached through
+    the `PeftModel`: image features and every adapter's gradient equal the stock path's; with the adapters disabled
+    the attached path follows; after `merge_and_unload` the tower is rebuilt on the plain model."""
+    from peft import LoraConfig, get_peft_model
+
+    model = copy.deepcopy(model)  # the fixture's model stays as it was
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    inner = peft_model.get_base_model().model
+    views = {
+        k: inputs[k] for k in ("pixel_values", "pixel_values_local", "num_local_patches", "patches_grid") if k in inputs
+    }
+
+    def adapter_gradients() -> dict[str, torch.Tensor]:
+        grads = loss_gradients(peft_model, inputs)
+        return {name: grad for name, grad in grads.items() if "lora_" in name}
+
+    def features() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return inner.get_image_features(**views).pooler_output
+
+    stock, stock_grads = features(), adapter_gradients()
+    with peft_model.disable_adapter():
+        stock_plain = features()
+    tower = attach(peft_model)
+    try:
+        assert sum("lora_" in name for name, _ in tower.named_parameters()) > 0
+        ours, ours_grads = features(), adapter_gradients()
+        with peft_model.disable_adapter():
+            ours_plain = features()
+        merged = peft_model.merge_and_unload()
+        assert is_attached(merged)
+        ours_merged = features()
+        assert not any("lora_" in name for name, _ in attach(merged).named_parameters())
+    finally:
+        detach(model)
+    assert any("sam_encoder" in name for name in stock_grads) and any("vision_encoder" in name for name in stock_grads)
+    assert stock_grads.keys() == ours_grads.keys()
+    for name in stock_grads:
+        assert rel_err(ours_grads[name], stock_grads[name]) < 1e-4, name
+    for page_stock, page_ours, page_plain, page_ours_plain, page_merged in zip(
+        stock, ours, stock_plain, ours_plain, ours_merged
+    ):
+        assert rel_err(page_ours, page_stock) < 1e-5
+        assert rel_err(page_ours_plain, page_plain) < 1e-5
+        assert rel_err(page_merged, page_stock) < 1e-5
+        assert rel_err(page_plain, page_stock) > 1e-3  # the adapters change the features: the checks above can fail
+
+
+def test_lora_on_transformers_modules_acts_on_the_attached_tower(tiny):
+    check_lora_on_the_model_acts_on_the_attached_tower(
+        *tiny, r".*(sam_encoder.*attn\.qkv|vision_encoder.*\.(q_proj|v_proj)|multi_modal_projector)"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ token counts

@@ -13,6 +13,8 @@ from test_integrations_transformers import (
     CHAT_TEMPLATE,
     TINY_TEXT,
     TINY_VISION,
+    check_attached_training_matches_stock,
+    check_lora_on_the_model_acts_on_the_attached_tower,
     load_example,
     local_tokenizer,
     noise_page,
@@ -163,6 +165,16 @@ def test_from_transformers_classmethods_refuse_the_other_family_and_other_models
         DeepEncoderV2Model.from_transformers(v1_model.model)
     with pytest.raises(TypeError, match="UnlimitedOcrForConditionalGeneration"):
         DeepEncoderModel.from_transformers(torch.nn.Linear(2, 2))
+
+
+def test_v2_training_through_the_attached_tower_gives_the_stock_gradients(tiny_v2):
+    check_attached_training_matches_stock(*tiny_v2)
+
+
+def test_v2_lora_on_transformers_modules_acts_on_the_attached_tower(tiny_v2):
+    check_lora_on_the_model_acts_on_the_attached_tower(
+        *tiny_v2, r".*(sam_encoder.*attn\.qkv|vision_encoder.*\.(q_proj|down_proj)|multi_modal_projector)"
+    )
 
 
 # DeepSeek-OCR-2 pages across the 768 px tiling threshold, tall, wide, and aspect-ratio ties (1600 x 1280: 1.25 lies

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 
@@ -31,42 +30,38 @@ from .unlimited_ocr import UNLIMITED_OCR_FUSED, UNLIMITED_OCR_MAP, deepencoder_c
 
 
 class SplitQkvProjection(nn.Module):
-    """A fused q/k/v Linear (x -> [q | k | v], (..., C) -> (..., 3C)) over three separate projections' parameters.
+    """A fused q/k/v Linear (x -> [q | k | v], (..., C) -> (..., 3C)) made of three separate projection modules.
 
-    The parameters are the given ones (shared, not copied). `state_dict` shows them fused as `weight` (3C, C) and
-    `bias` (3C,), the layout of an `nn.Linear(C, 3C)`, and `load_state_dict` accepts that layout and writes it into
-    the three parameters in place.
+    The modules are the given ones (shared, not copied: transformers' `q_proj` / `k_proj` / `v_proj`, or an adapter
+    library's wrappers of them, whose adapters then act here too). `state_dict` shows plain projections fused as
+    `weight` (3C, C) and `bias` (3C,), the layout of an `nn.Linear(C, 3C)`, and `load_state_dict` accepts that
+    layout and writes it into the three modules' parameters in place.
     """
 
-    def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear) -> None:
+    parts = ("query", "key", "value")
+
+    def __init__(self, query: nn.Module, key: nn.Module, value: nn.Module) -> None:
         super().__init__()
-        self.in_features = query.in_features
-        self.out_features = query.out_features + key.out_features + value.out_features
-        self.q_weight, self.k_weight, self.v_weight = query.weight, key.weight, value.weight
-        self.q_bias, self.k_bias, self.v_bias = query.bias, key.bias, value.bias
+        self.query, self.key, self.value = query, key, value
+        bases = [getattr(module, "base_layer", module) for module in (query, key, value)]
+        self.in_features = bases[0].in_features
+        self.out_features = sum(base.out_features for base in bases)
         self.register_state_dict_post_hook(_fuse_qkv_state)
         self.register_load_state_dict_pre_hook(_split_qkv_state)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(..., C) -> (..., 3C)."""
-        return torch.cat(
-            [
-                F.linear(hidden_states, self.q_weight, self.q_bias),
-                F.linear(hidden_states, self.k_weight, self.k_bias),
-                F.linear(hidden_states, self.v_weight, self.v_bias),
-            ],
-            dim=-1,
-        )
+        return torch.cat([self.query(hidden_states), self.key(hidden_states), self.value(hidden_states)], dim=-1)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, split q/k/v parameters"
+        return f"in_features={self.in_features}, out_features={self.out_features}, split q/k/v projections"
 
 
 def _fuse_qkv_state(module: SplitQkvProjection, state_dict: dict, prefix: str, local_metadata: Any) -> None:
     for kind in ("weight", "bias"):
-        parts = [state_dict.pop(f"{prefix}{name}_{kind}", None) for name in ("q", "k", "v")]
-        if all(part is not None for part in parts):
-            state_dict[f"{prefix}{kind}"] = torch.cat([part.detach() for part in parts])
+        names = [f"{prefix}{part}.{kind}" for part in module.parts]
+        if all(name in state_dict for name in names):
+            state_dict[f"{prefix}{kind}"] = torch.cat([state_dict.pop(name).detach() for name in names])
 
 
 def _split_qkv_state(module: SplitQkvProjection, state_dict: dict, prefix: str, *args: Any) -> None:
@@ -74,15 +69,62 @@ def _split_qkv_state(module: SplitQkvProjection, state_dict: dict, prefix: str, 
         fused = state_dict.pop(f"{prefix}{kind}", None)
         if fused is None:
             continue
-        sizes = [getattr(module, f"{name}_{kind}").shape[0] for name in ("q", "k", "v")]
-        for name, part in zip(("q", "k", "v"), fused.split(sizes)):
-            state_dict[f"{prefix}{name}_{kind}"] = part
+        sizes = [getattr(module, part).out_features for part in module.parts]
+        for part, tensor in zip(module.parts, fused.split(sizes)):
+            state_dict[f"{prefix}{part}.{kind}"] = tensor
+
+
+# ------------------------------------------------------------------------------------------------ adapters
+def adapter_wrapped_modules(root: nn.Module) -> dict[str, nn.Module]:
+    """The modules of `root` an adapter library wrapped around an original it keeps as `base_layer` (PEFT's LoRA,
+    IA3, ... layers), by name."""
+    return {
+        name: module
+        for name, module in root.named_modules()
+        if isinstance(getattr(module, "base_layer", None), nn.Module)
+    }
+
+
+def base_parameters(root: nn.Module) -> dict[str, nn.Parameter]:
+    """`root`'s parameters named as if no adapter wrapped any module: a wrapped module's original parameters under the
+    module's own name (`q_proj.base_layer.weight` -> `q_proj.weight`), the adapters' parameters left out."""
+    wrapped = sorted(adapter_wrapped_modules(root), key=len, reverse=True)
+    out = {}
+    for name, parameter in root.named_parameters():
+        owner = next((w for w in wrapped if name.startswith(w + ".")), None)
+        if owner is not None:
+            rest = name[len(owner) + 1 :]
+            if not rest.startswith("base_layer."):
+                continue  # an adapter's own parameter
+            name = f"{owner}.{rest[len('base_layer.') :]}"
+        out[name] = parameter
+    return out
+
+
+def _adopt_wrapped_modules(tower: nn.Module, inner: nn.Module) -> None:
+    """Where an adapter wrapped one of the model's vision modules, the tower calls that wrapper in place of its own
+    module holding the same parameters (so the adapter acts on the attached path too)."""
+    ours = {}
+    for name, module in tower.named_modules():
+        weight = module._parameters.get("weight") if "base_layer" not in name.split(".") else None
+        if weight is not None:
+            ours[id(weight)] = name
+    adopted = {id(module) for module in tower.modules()}
+    for name, wrapper in adapter_wrapped_modules(inner).items():
+        if name.startswith("language_model.") or id(wrapper) in adopted:
+            continue
+        base = wrapper.base_layer
+        target = ours.get(id(base._parameters.get("weight")))
+        if target is None or type(tower.get_submodule(target)) is not type(base):
+            raise ValueError(f"{name}: wrapped by an adapter, but no module of the tower is its {type(base).__name__}")
+        parent, _, leaf = target.rpartition(".")
+        setattr(tower.get_submodule(parent) if parent else tower, leaf, wrapper)
 
 
 # ------------------------------------------------------------------------------------------------ the shared tower
 def transformers_base_model(model: nn.Module) -> nn.Module:
     """transformers' conditional-generation model or its base model -> the base model holding the vision parts
-    (`UnlimitedOcrModel` or `DeepseekOcr2Model`)."""
+    (`UnlimitedOcrModel` or `DeepseekOcr2Model`); a PEFT `PeftModel` around either is looked through."""
     from transformers.models.deepseek_ocr2.modeling_deepseek_ocr2 import (
         DeepseekOcr2ForConditionalGeneration,
         DeepseekOcr2Model,
@@ -92,6 +134,9 @@ def transformers_base_model(model: nn.Module) -> nn.Module:
         UnlimitedOcrModel,
     )
 
+    get_base_model = getattr(model, "get_base_model", None)  # PEFT's PeftModel
+    if callable(get_base_model):
+        model = get_base_model()
     if isinstance(model, (UnlimitedOcrForConditionalGeneration, DeepseekOcr2ForConditionalGeneration)):
         return model.model
     if isinstance(model, (UnlimitedOcrModel, DeepseekOcr2Model)):
@@ -144,22 +189,22 @@ def _shared_v1_tower(inner: nn.Module, tower_class: type[DeepEncoderModel]) -> D
     config = deepencoder_config_from_unlimited_ocr(inner.config)
     with torch.device("meta"), init.no_init_weights():
         tower = tower_class(config)
-    theirs = dict(inner.named_parameters())
+    theirs = base_parameters(inner)
     for name, source in parameter_sources([name for name, _ in tower.named_parameters()]).items():
         if isinstance(source, str):
             _set_parameter(tower, name, theirs[source])
         elif name.endswith(".weight"):  # a fused q/k/v Linear: replaced whole, once (its bias comes with it)
             owner = name.rpartition(".")[0]
             parent, _, child = owner.rpartition(".")
-            linears = [inner.get_submodule(part.rpartition(".")[0]) for part in source]
-            setattr(tower.get_submodule(parent), child, SplitQkvProjection(*linears))
+            modules = [inner.get_submodule(part.rpartition(".")[0]) for part in source]  # adapter wrappers included
+            setattr(tower.get_submodule(parent), child, SplitQkvProjection(*modules))
     return tower
 
 
 def v2_shared_state(inner: nn.Module) -> dict[str, nn.Parameter]:
     """`DeepseekOcr2Model`'s vision parameters under `DeepEncoderV2Model`'s names (the same objects), through the
     `hf-deepseek-ocr2` format record's table."""
-    vision = {name: p for name, p in inner.named_parameters() if HF_DEEPSEEK_OCR2.needed(name)}
+    vision = {name: p for name, p in base_parameters(inner).items() if HF_DEEPSEEK_OCR2.needed(name)}
     return HF_DEEPSEEK_OCR2.convert(vision, f"transformers' {type(inner).__name__}")
 
 
@@ -191,6 +236,7 @@ def build_shared_tower(
             f"{family.__name__}.from_transformers"
         )
     tower = (_shared_v2_tower if family is DeepEncoderV2Model else _shared_v1_tower)(inner, tower_class)
+    _adopt_wrapped_modules(tower, inner)
     left = [name for name, parameter in tower.named_parameters() if parameter.is_meta]
     if left:
         raise ValueError(f"tower parameters with no counterpart in transformers' {type(inner).__name__}: {left}")

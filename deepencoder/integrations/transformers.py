@@ -173,7 +173,10 @@ def _vision_parameters(inner: nn.Module) -> list[nn.Parameter]:
 
 
 def _current_tower(inner: nn.Module) -> DeepEncoderModel | DeepEncoderV2Model:
-    """The attached tower, rebuilt first when the model's parameters were replaced by other objects since."""
+    """The attached tower, rebuilt first when the model's parameters were replaced by other objects since (adapters
+    added or merged included); its train / eval mode and activation checkpointing follow the model's vision tower
+    (`model.train()` and `model.activation_checkpointing_enable()` reach the tower, which is outside the module
+    tree)."""
     attachment: Attachment = inner.__dict__[ATTACHMENT_ATTRIBUTE]
     current = _vision_parameters(inner)
     if len(current) != len(attachment.parameters) or any(a is not b for a, b in zip(current, attachment.parameters)):
@@ -182,6 +185,12 @@ def _current_tower(inner: nn.Module) -> DeepEncoderModel | DeepEncoderV2Model:
     tower = attachment.tower
     if tower.training != inner.vision_tower.training:
         tower.train(inner.vision_tower.training)
+    checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in inner.vision_tower.modules())
+    if checkpointing != tower.is_activation_checkpointing:
+        if checkpointing:
+            tower.activation_checkpointing_enable()
+        else:
+            tower.activation_checkpointing_disable()
     return tower
 
 
