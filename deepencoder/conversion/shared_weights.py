@@ -88,17 +88,15 @@ def adapter_wrapped_modules(root: nn.Module) -> dict[str, nn.Module]:
 def base_parameters(root: nn.Module) -> dict[str, nn.Parameter]:
     """`root`'s parameters named as if no adapter wrapped any module: a wrapped module's original parameters under the
     module's own name (`q_proj.base_layer.weight` -> `q_proj.weight`), the adapters' parameters left out."""
-    wrapped = sorted(adapter_wrapped_modules(root), key=len, reverse=True)
-    out = {}
-    for name, parameter in root.named_parameters():
-        owner = next((w for w in wrapped if name.startswith(w + ".")), None)
-        if owner is not None:
-            rest = name[len(owner) + 1 :]
-            if not rest.startswith("base_layer."):
-                continue  # an adapter's own parameter
-            name = f"{owner}.{rest[len('base_layer.') :]}"
-        out[name] = parameter
-    return out
+    wrappers = adapter_wrapped_modules(root).values()
+    adapters = {id(p) for w in wrappers for p in w.parameters()} - {
+        id(p) for w in wrappers for p in w.base_layer.parameters()
+    }
+    return {
+        name.replace(".base_layer.", "."): parameter
+        for name, parameter in root.named_parameters()
+        if id(parameter) not in adapters
+    }
 
 
 def _adopt_wrapped_modules(tower: nn.Module, inner: nn.Module) -> None:
