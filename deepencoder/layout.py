@@ -81,11 +81,16 @@ def count_query_tokens(global_queries: int, num_tiles: int = 0, tile_queries: in
 
 
 def tile_counts(
-    batch: int, tile_grids: Sequence[Sequence[int]] | None, num_tiles: int | None
+    pixel_values: torch.Tensor | Sequence[torch.Tensor],
+    tile_grids: Sequence[Sequence[int]] | None,
+    pixel_values_tiles: torch.Tensor | None,
 ) -> tuple[list[tuple[int, int]], list[int]]:
-    """Check a batch's tile inputs: per page (cols, rows) as Python ints (None: no page tiled) against the number of
-    tiles given (`pixel_values_tiles.shape[0]`, None when absent). Returns the grids and the tiles per page (0 for an
-    untiled page, whose grid is (1, 1)); raises ValueError naming any mismatch."""
+    """Check a batch's tile inputs: its global views (a (B, 3, S, S) tensor or a list of B views), per page
+    (cols, rows) as Python ints (None: no page tiled), and the tiles (T, 3, t, t) (None when absent). Returns the
+    grids (one per page) and the tiles per page (0 for an untiled page, whose grid is (1, 1)); raises ValueError
+    naming any mismatch."""
+    batch = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else len(pixel_values)
+    num_tiles = pixel_values_tiles.shape[0] if pixel_values_tiles is not None else None
     grids = [tuple(int(v) for v in g) for g in tile_grids] if tile_grids is not None else [(1, 1)] * batch
     if len(grids) != batch:
         raise ValueError(f"tile_grids has {len(grids)} entries for {batch} pages")

@@ -229,9 +229,8 @@ class DeepEncoderModel(TowerLoadingMixin, DeepEncoderPreTrainedModel):
         kwargs.pop("num_image_tokens", None)
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
-        batch = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else len(pixel_values)
-        num_tiles = pixel_values_tiles.shape[0] if pixel_values_tiles is not None else None
-        grids, counts = tile_counts(batch, tile_grids, num_tiles)
+        grids, counts = tile_counts(pixel_values, tile_grids, pixel_values_tiles)
+        batch = len(grids)
         total_tiles = sum(counts)
 
         global_embeds, global_pre, global_grids, sam_states, clip_states = self._encode_globals(

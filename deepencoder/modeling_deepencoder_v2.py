@@ -386,9 +386,8 @@ class DeepEncoderV2Model(TowerLoadingMixin, DeepEncoderV2PreTrainedModel):
         kwargs.pop("num_image_tokens", None)
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
-        batch = pixel_values.shape[0] if isinstance(pixel_values, torch.Tensor) else len(pixel_values)
-        num_tiles = pixel_values_tiles.shape[0] if pixel_values_tiles is not None else None
-        grids, counts = tile_counts(batch, tile_grids, num_tiles)
+        grids, counts = tile_counts(pixel_values, tile_grids, pixel_values_tiles)
+        batch = len(grids)
         total_tiles = sum(counts)
 
         global_embeds, global_pre, sam_states, encoder_states, one_size = self._encode_globals(
