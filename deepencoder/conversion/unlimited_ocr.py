@@ -20,6 +20,7 @@ from transformers.models.unlimited_ocr.configuration_unlimited_ocr import Unlimi
 from ..configuration_deepencoder import DeepEncoderConfig
 from .common import (
     DEEPENCODER,
+    SAM_KEYS,
     TRANSFORMERS_SAM,
     TRANSFORMERS_SAM_MAP,
     TRANSFORMERS_TOWER,
@@ -122,23 +123,7 @@ def deepencoder_config_values(
         raise CheckpointError(f"config.json: SAM hidden_act {sam['hidden_act']!r} is not supported (gelu)")
     if clip["hidden_act"] not in ("quick_gelu", "gelu"):
         raise CheckpointError(f"config.json: hidden_act {clip['hidden_act']!r} is not supported (quick_gelu | gelu)")
-    sam_values = {
-        key: sam[key]
-        for key in (
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "patch_size",
-            "num_channels",
-            "image_size",
-            "window_size",
-            "global_attn_indexes",
-            "layer_norm_eps",
-            "qkv_bias",
-            "use_rel_pos",
-            "use_abs_pos",
-        )
-    }
+    sam_values = {key: sam[key] for key in SAM_KEYS if key in sam}  # transformers' names where they are ours
     sam_values.update(
         global_attn_indexes=list(sam["global_attn_indexes"]),
         mlp_ratio=sam["mlp_dim"] / sam["hidden_size"],
