@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -170,6 +171,25 @@ def cli(args: list[str], cwd: Path | None = None, **kwargs) -> subprocess.Comple
         [sys.executable, "-m", "deepencoder", "encode", *args], cwd=cwd, env=env, capture_output=True, text=True,
         **kwargs,
     )  # fmt: skip
+
+
+def gated_cli(gate: Path, args: list[str], **kwargs) -> subprocess.Popen:
+    """`deepencoder encode args` started in the background, stopping after each batch at a gate (`gated_encode.py`)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    script = Path(__file__).resolve().parent / "gated_encode.py"
+    return subprocess.Popen([sys.executable, str(script), str(gate), *args], env=env, **kwargs)
+
+
+def wait_for(condition, process: subprocess.Popen | None = None, what: str = "") -> None:
+    """Wait until `condition()` holds. Fails only if `process` exits first, or after 20 minutes (a hang, not a slow
+    machine): no verdict depends on how fast a step runs."""
+    give_up = time.monotonic() + 1200
+    while not condition():
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the run exited ({process.returncode}) before {what or 'the awaited step'}")
+        if time.monotonic() > give_up:
+            raise AssertionError(f"still waiting for {what or 'the awaited step'} after 20 minutes")
+        time.sleep(0.02)
 
 
 class CrashOnce(torch.nn.Module):

@@ -185,7 +185,8 @@ SWEEP_V2 = [(600, 400), (768, 768), (769, 500), (700, 700), (1000, 1000), (1600,
 @pytest.mark.parametrize("backend", [DeepseekOcr2ImageProcessor, DeepseekOcr2ImageProcessorPil])
 def test_v2_token_counts_match_what_transformers_lays_out(backend):
     """Our `ocr2` counts equal the features transformers' `DeepseekOcr2Model` lays out for what its processors make
-    (both backends), including where the PIL processor's own count helper is wrong (see the README)."""
+    (both backends): a global view of 256 queries + 1 separator, 144 per tile; the sweep holds the 768 px threshold
+    and aspect ties, where transformers 5.23-5.24's count helper (not what its processors make) was wrong."""
     inputs = backend()([Image.new("RGB", size, "white") for size in SWEEP_V2], return_tensors="pt")
     with torch.device("meta"):
         model = DeepseekOcr2Model(
@@ -200,10 +201,8 @@ def test_v2_token_counts_match_what_transformers_lays_out(backend):
     matched = image_processor_from_transformers(backend())
     assert matched.mode == "ocr2"
     assert [matched.num_image_tokens(w, h) for w, h in SWEEP_V2] == counts
-    helper = DeepseekOcr2ImageProcessorPil()
-    said = [helper.get_number_of_image_patches(h, w) for w, h in SWEEP_V2]
-    assert said[0] == 7 and made[0] == 1  # 600 x 400: no side above 768, yet counted as 2 x 3 tiles
-    assert said[5] == 5 and made[5] == 7  # 1600 x 1280: tie broken against 1024 px instead of 768 px
+    assert made[0] == 1 and made[5] == 7  # 600 x 400 untiled (no side above 768); 1600 x 1280: the 768 px tie-break
+    assert [1 + 144 * (n - 1) + 256 for n in made] == counts  # what the processor makes is what the model lays out
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from pipeline_support import (
 from safetensors.torch import load_file
 
 from deepencoder import DeepEncoderModel
-from deepencoder.pipeline import EncodedPages, encode, load_manifest
+from deepencoder.pipeline import EncodedPages, encode, load_manifest, runner
 from deepencoder.pipeline.ray import encode_dataset
 from deepencoder.pipeline.writer import LOCK, OutputLocked, read_rows
 
@@ -106,12 +105,19 @@ def test_killed_worker_loses_nothing_then_resume_writes_nothing(ray_session, dat
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_refused_while_another_run_holds_the_folder(ray_session, data, tmp_path):
-    """A local run holds the folder (in a thread of this process): the Ray run is refused naming it; once it is
-    done, the Ray run into the same folder adds no row twice."""
+def test_refused_while_another_run_holds_the_folder(ray_session, data, tmp_path, monkeypatch):
+    """A local run holds the folder (in a thread of this process, stopped after its first page until the Ray run has
+    been refused): the Ray run is refused naming it; once it is done, the Ray run into the same folder adds no row twice."""
     root, weights, _, _ = data
     out = tmp_path / "out"
     model = DeepEncoderModel.from_pretrained(weights).eval()
+    stopped, go = threading.Event(), threading.Event()
+
+    def gate(seconds: float) -> None:  # the pause after each batch: the first run waits after its first page
+        stopped.set()
+        go.wait()
+
+    monkeypatch.setattr(runner, "pause", gate)
     first: dict = {}
     thread = threading.Thread(
         target=lambda: first.update(
@@ -122,13 +128,12 @@ def test_refused_while_another_run_holds_the_folder(ray_session, data, tmp_path)
     )
     thread.start()  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and thread.is_alive() and not (out / LOCK).exists():
-            time.sleep(0.01)
-        assert thread.is_alive(), "the first run finished before the second started"
+        assert stopped.wait(timeout=1200), "the first run never finished its first batch"
+        assert (out / LOCK).exists() and thread.is_alive()
         with pytest.raises(OutputLocked, match=f"{socket.gethostname()}, pid {os.getpid()}"):
             encode_dataset([str(root / "docs")], out, str(weights), processor(), progress=False)
     finally:
+        go.set()
         thread.join()
     assert first["result"].pages_ok == 2
     result = encode_dataset([str(root / "docs")], out, str(weights), processor(), batch_size=2, progress=False)

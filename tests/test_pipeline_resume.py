@@ -3,15 +3,12 @@ no file under its final name is corrupt."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 
 import torch
-from pipeline_support import CLI_SIZE, REPO, cli, direct_outputs, make_documents, tiny_weights
+from pipeline_support import CLI_SIZE, cli, direct_outputs, gated_cli, make_documents, tiny_weights, wait_for
 from safetensors.torch import load_file
 
 from deepencoder import DeepEncoderModel
@@ -23,22 +20,17 @@ def test_kill_then_resume(tmp_path):
     weights = tiny_weights(tmp_path / "tiny")
     out = tmp_path / "out"
     args = [str(tmp_path / "in"), "--weights", str(weights), "--out", str(out), "--batch-size", "1", *CLI_SIZE]
-    env_cmd = [sys.executable, "-m", "deepencoder", "encode", *args, "--sleep-per-batch", "0.4"]
-    process = subprocess.Popen(
-        env_cmd, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
     manifest = out / "manifest.jsonl"
-    while time.monotonic() < deadline and process.poll() is None:
-        if manifest.exists() and len(read_rows(manifest)) >= 2:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run finished before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    (tmp_path / "gate").mkdir()
+    (tmp_path / "gate" / "go-1").touch()  # past the first batch; stopped at the gate after the second
+    process = gated_cli(tmp_path / "gate", args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # killed mid-run at a known step, whatever the machine's speed
+        wait_for(lambda: (tmp_path / "gate" / "batch-2").exists(), process, "the second batch")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
     killed_rows = read_rows(manifest)
-    assert 2 <= len(killed_rows) < 7
+    assert len(killed_rows) == 2  # batch size 1: one row per batch, the run stopped after two
     for path in out.glob("*.safetensors"):  # whatever exists under a final name loads
         load_file(str(path))
 

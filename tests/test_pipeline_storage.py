@@ -17,13 +17,14 @@ import pytest
 import torch
 from pipeline_support import (
     CLI_SIZE,
-    REPO,
     cli,
     comparable,
     copy_tree_to,
+    gated_cli,
     make_documents,
     processor,
     tiny_weights,
+    wait_for,
 )
 from safetensors.torch import load_file
 
@@ -111,24 +112,19 @@ def test_two_runs_into_one_folder(tmp_path, tiny):
     out = tmp_path / "out"
     args = [str(tmp_path / "in" / "book.pdf"), "--weights", str(weights), "--out", str(out), "--batch-size", "1",
             *CLI_SIZE]  # fmt: skip
-    first = subprocess.Popen(  # 60 s after each page: still running whatever the machine's load
-        [sys.executable, "-m", "deepencoder", "encode", *args, "--sleep-per-batch", "60"],
-        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and first.poll() is None and not read_rows(out / "manifest.jsonl"):
-            time.sleep(0.05)
-        assert first.poll() is None and len(read_rows(out / "manifest.jsonl")) == 1
+    first = gated_cli(tmp_path / "gate", args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:  # the first run holds the folder, stopped at the gate after its first page until told otherwise
+        wait_for(lambda: (tmp_path / "gate" / "batch-1").exists(), first, "the first page")
+        assert len(read_rows(out / "manifest.jsonl")) == 1
         second = cli(args)
         assert second.returncode == 2
         message = second.stderr.strip().splitlines()[-1]
         assert message.startswith("error:") and f"pid {first.pid}" in message and socket.gethostname() in message
         assert "being written by another" in message
         assert len(read_rows(out / "manifest.jsonl")) == 1  # the second run wrote nothing
+        assert first.poll() is None  # and the first is still at its gate
         first.send_signal(signal.SIGINT)
-        _, err = first.communicate(timeout=120)
+        _, err = first.communicate(timeout=600)
     finally:
         if first.poll() is None:
             first.kill()
@@ -146,7 +142,7 @@ def test_two_runs_into_one_folder(tmp_path, tiny):
 def test_stale_locks_are_taken_over(tmp_path):
     folder = Folder(tmp_path / "out")
     folder.makedirs()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     try:
         holder = {"host": socket.gethostname(), "pid": sleeper.pid, "started": time.time(), "heartbeat": time.time()}
         (tmp_path / "out" / LOCK).write_text(json.dumps(holder))
@@ -177,9 +173,7 @@ def test_heartbeat_refreshes_the_lock(tmp_path):
     lock = OutputLock(folder, heartbeat_s=0.05).acquire()
     try:
         first = json.loads((tmp_path / LOCK).read_text())["heartbeat"]
-        deadline = time.monotonic() + 10
-        while json.loads((tmp_path / LOCK).read_text())["heartbeat"] == first and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for(lambda: json.loads((tmp_path / LOCK).read_text())["heartbeat"] != first, what="a heartbeat")
         assert json.loads((tmp_path / LOCK).read_text())["heartbeat"] > first
     finally:
         lock.release()
