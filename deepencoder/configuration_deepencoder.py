@@ -185,6 +185,7 @@ class DeepEncoderConfig(PretrainedConfig):
 
     model_type = "deepencoder"
     sub_configs = {"sam_config": DeepEncoderSamConfig, "clip_config": DeepEncoderClipConfig}
+    _auto_class = "AutoConfig"  # save_pretrained writes auto_map and the model files (trust_remote_code loading)
 
     def __init__(
         self,

@@ -84,6 +84,7 @@ class DeepEncoderV2Config(PretrainedConfig):
 
     model_type = "deepencoder_v2"
     sub_configs = {"sam_config": DeepEncoderSamConfig, "encoder_config": DeepEncoderV2EncoderConfig}
+    _auto_class = "AutoConfig"  # save_pretrained writes auto_map and the model files (trust_remote_code loading)
 
     def __init__(
         self,
