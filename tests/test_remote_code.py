@@ -12,7 +12,6 @@ import os
 import site
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest

@@ -15,7 +15,9 @@ from .common import DEEPENCODER
 from .deepseek_ocr2 import DEEPENCODER_V2, assemble_v2
 from .formats import ModelFamily
 from .hub import HUB_KEYWORDS, HubOptions, Remote
+from .io import CheckpointError
 from .registry import FORMATS
+from .remote import open_checkpoint, read_json_beside
 from .report import ConversionReport
 from .sources import assemble_model, build_model, read_converted
 
@@ -264,11 +266,17 @@ def _stated_model_type(path_or_repo_id: str, kwargs: dict[str, Any]) -> tuple[bo
     own config resolution (cache, revision, token, offline mode)."""
     from transformers import PretrainedConfig
 
-    hub = HubOptions.from_kwargs(kwargs).transformers_kwargs()
+    options = HubOptions.from_kwargs(kwargs)
     try:
-        config_dict, _ = PretrainedConfig.get_config_dict(str(path_or_repo_id), **hub)
+        config_dict, _ = PretrainedConfig.get_config_dict(str(path_or_repo_id), **options.transformers_kwargs())
     except OSError:
-        return False, None
+        if os.path.exists(str(path_or_repo_id)):
+            return False, None
+        try:  # a hub checkpoint whose config.json was read by an earlier converted load: in the range cache
+            config_dict = read_json_beside(open_checkpoint(str(path_or_repo_id), hub=options), "config.json")
+        except CheckpointError:
+            return False, None
+        return config_dict is not None, (config_dict or {}).get("model_type")
     return True, config_dict.get("model_type")
 
 
