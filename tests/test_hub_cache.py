@@ -271,3 +271,58 @@ def test_range_file_reads_ahead_and_serves_from_the_cache(tmp_path, monkeypatch)
         handle.seek(2 * hub_module.READ_AHEAD + 7)
         with pytest.raises(CheckpointError, match="not in the hub cache"):
             handle.read(10)
+
+
+def test_hub_remote_requests(monkeypatch):
+    """What `HubRemote` asks the hub (no network here: the two calls are recorded): a revision resolved by one
+    `model_info(files_metadata=True)` whose siblings give sizes and blob ids (LFS sha256, else the git blob id);
+    a range as one GET of the file at the commit with `range: bytes=start-(end-1)` and the token's header."""
+    import huggingface_hub
+    import huggingface_hub.utils
+    from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
+
+    calls = []
+
+    class Api:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def model_info(self, repo_id, revision=None, files_metadata=False):
+            calls.append(("model_info", repo_id, revision, files_metadata))
+            lfs = BlobLfsInfo(size=10, sha256="f" * 64, pointer_size=100)
+            siblings = [
+                RepoSibling("sub/model.safetensors", size=10, blob_id="a" * 40, lfs=lfs),
+                RepoSibling("sub/config.json", size=5, blob_id="b" * 40),
+            ]
+            return type("Info", (), {"sha": COMMIT, "siblings": siblings})()
+
+    class Response:
+        content = b"0123"
+        status_code = 206
+
+    def backoff(method, url, headers=None, timeout=None):
+        calls.append((method, url, headers["range"], headers.get("authorization")))
+        return Response()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub.utils, "http_backoff", backoff)
+    monkeypatch.setattr(huggingface_hub.utils, "hf_raise_for_status", lambda response: None)
+    remote = hub_module.HubRemote(token="hf_secret")
+    commit, files = remote.snapshot(REPO, "v1.0")
+    assert commit == COMMIT
+    assert files == {
+        "sub/model.safetensors": RemoteFile(10, "f" * 64),
+        "sub/config.json": RemoteFile(5, "b" * 40),
+    }
+    assert remote.read_range(REPO, COMMIT, "sub/model.safetensors", 6, 10) == b"0123"
+    endpoint = huggingface_hub.constants.ENDPOINT
+    assert calls == [
+        ("token", "hf_secret"),
+        ("model_info", REPO, "v1.0", True),
+        (
+            "GET",
+            f"{endpoint}/{REPO}/resolve/{COMMIT}/sub/model.safetensors",
+            "bytes=6-9",
+            "Bearer hf_secret",
+        ),
+    ]

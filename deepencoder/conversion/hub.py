@@ -93,11 +93,10 @@ class Remote(Protocol):
 
 class HubRemote:
     """The Hugging Face hub: one `model_info` request resolves a revision and lists its files (sizes, blob ids);
-    byte ranges come through `HfFileSystem` (HTTP range requests)."""
+    byte ranges come by HTTP range requests."""
 
     def __init__(self, token: str | bool | None = None) -> None:
         self.token = token
-        self._filesystem = None
 
     def snapshot(self, repo_id: str, revision: str) -> tuple[str, dict[str, RemoteFile]]:
         from huggingface_hub import HfApi
@@ -111,11 +110,19 @@ class HubRemote:
         return info.sha, files
 
     def read_range(self, repo_id: str, commit: str, path: str, start: int, end: int) -> bytes:
-        if self._filesystem is None:
-            from huggingface_hub import HfFileSystem
+        """One HTTP range request (as `HfFileSystem`'s files make, without their read-ahead)."""
+        from huggingface_hub import constants, hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
 
-            self._filesystem = HfFileSystem(token=self.token)
-        return self._filesystem.cat_file(f"{repo_id}@{commit}/{path}", start=start, end=end)
+        headers = {"range": f"bytes={start}-{end - 1}", **build_hf_headers(token=self.token)}
+        response = http_backoff(
+            "GET",
+            hf_hub_url(repo_id, path, revision=commit),
+            headers=headers,
+            timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT,
+        )
+        hf_raise_for_status(response)
+        return response.content
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -209,6 +216,15 @@ class RangeFile(io.RawIOBase):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.entry.size}[whence]
         self.position = max(0, base + offset)
         return self.position
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to `size` bytes (all the rest when negative) in one cached read."""
+        end = self.entry.size if size is None or size < 0 else min(self.position + size, self.entry.size)
+        if end <= self.position:
+            return b""
+        data = self.filesystem.read_range(self.path, self.entry, self.store, self.position, end)
+        self.position += len(data)
+        return data
 
     def readinto(self, buffer) -> int:
         end = min(self.position + len(buffer), self.entry.size)
