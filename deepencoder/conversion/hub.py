@@ -35,6 +35,7 @@ from typing import Any, Protocol
 from .io import CheckpointError
 
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
+SAFE_NAME = re.compile(r"^[0-9A-Za-z_-]+$")  # blob ids name files in the cache
 READ_AHEAD = 1 << 20  # bytes fetched past a missed read: small, so skipped tensors are not fetched
 TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 
@@ -255,8 +256,12 @@ class HubCacheFileSystem:
 
     # ------------------------------------------------------------------ resolution
     def _resolve(self, revision: str) -> tuple[str, dict[str, RemoteFile]]:
+        if any(part in ("", ".", "..") for part in revision.split("/")):
+            raise CheckpointError(f"{self.repo_id}: revision {revision!r} is not a branch, tag or commit name")
         if not self.options.offline:
             commit, files = self.remote.snapshot(self.repo_id, revision)
+            if not COMMIT.match(commit) or not all(SAFE_NAME.match(entry.blob) for entry in files.values()):
+                raise CheckpointError(f"{self.repo_id}@{revision}: the hub answered an unexpected commit or blob id")
             if revision != commit:
                 _write_atomic(self.folder / "refs" / revision, commit)
             listing = {path: {"size": entry.size, "blob": entry.blob} for path, entry in files.items()}
