@@ -234,3 +234,38 @@ def test_model_layer_alone_does_not_convert(tmp_path):
     finally:
         modeling_utils.CHECKPOINT_LOADERS.update(saved)
     assert set(saved) == {"pretrained", "deepseek-ocr", "deepseek-ocr2", "transformers"}
+
+
+def test_push_to_hub_uploads_the_model_files(monkeypatch):
+    """`push_to_hub` (transformers' own: `save_pretrained` into a temporary folder, then one upload of it) uploads
+    the same self-contained folder: weights, configs with `auto_map`, and the model layer's files. The hub is not
+    reached: the repository creation, the model card and the upload are recorded."""
+    import transformers.utils.hub as transformers_hub
+
+    uploaded: dict[str, dict[str, bytes]] = {}
+
+    class Api:
+        def create_repo(self, repo_id, **kwargs):
+            return type("Repo", (), {"repo_id": repo_id})()
+
+    class Card:
+        def save(self, path):
+            Path(path).write_text("card")
+
+    def upload(self, folder, repo_id, **kwargs):
+        files = uploaded.setdefault(repo_id, {})
+        files.update({entry.name: entry.read_bytes() for entry in Path(folder).iterdir()})
+
+    monkeypatch.setattr(transformers_hub, "hf_api", lambda: Api())
+    monkeypatch.setattr(transformers_hub, "create_and_tag_model_card", lambda *args, **kwargs: Card())
+    monkeypatch.setattr(transformers_hub.PushToHubMixin, "_upload_modified_files", upload)
+    for name, model in (("org/v1", random_model(seed=6)), ("org/v2", tiny_v2())):
+        model.push_to_hub(name)
+        DeepEncoderImageProcessor(**PROCESSORS[name[-2:]]).push_to_hub(name)
+        files = uploaded[name]
+        code = {file for file in files if file.endswith(".py")}
+        assert set(files) - code == CHECKPOINT_FILES | {"README.md"}, sorted(files)
+        assert {"configuration_deepencoder.py", "image_processing_deepencoder.py", "modeling_utils.py"} <= code
+        assert all(files[file] == (PACKAGE / file).read_bytes() for file in code)
+        assert set(json.loads(files["config.json"])["auto_map"]) == {"AutoConfig", "AutoModel"}
+        assert "AutoImageProcessor" in json.loads(files["preprocessor_config.json"])["auto_map"]
