@@ -48,7 +48,12 @@ def load_tower(
     """Any checkpoint holding a whole tower of `family` (for v1: DeepSeek-OCR, transformers' UnlimitedOcr models
     in either naming, a deepencoder directory; for V2: DeepSeek-OCR-2; None: whichever tower the checkpoint holds,
     its family read from its layout) -> the model, loaded strictly, and the report. Only the vision tensors are
-    read."""
+    read.
+
+    hub: `from_pretrained`'s hub arguments (`HubOptions`: revision, cache_dir, local_files_only, token, subfolder,
+    force_download; `revision` given here wins); the ranges read from the hub are kept in its cache
+    (`deepencoder.conversion.hub`). remote: where a hub id's bytes come from (default: the hub). Every `load_*`
+    here takes both."""
     part = read_converted(
         path_or_repo_id,
         formats=whole_tower_formats(family),
@@ -73,7 +78,8 @@ def load_deepseek_ocr(
     """Local directory / file or hub id of DeepSeek-OCR (or of transformers' UnlimitedOcr port) -> DeepEncoderModel
     with the released vision weights.
 
-    filesystem: an fsspec-style file system to read through (defaults: local files, or `HfFileSystem` for a hub id).
+    filesystem: an fsspec-style file system to read through (defaults: local files, or the hub through its cache
+    for a hub id). hub / remote: as `load_tower`.
     """
     model, _ = load_tower(
         path_or_repo_id,
