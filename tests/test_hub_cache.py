@@ -16,6 +16,8 @@ import pytest
 import torch
 from fixtures.v2_support import seeded_state_dict, tiny_config_kwargs, to_deepseek_ocr2
 from helpers import random_model
+from PIL import Image
+from safetensors.torch import load_file
 from test_checkpoints import write_deepseek_checkpoint
 from test_conversion_sources import CountingFileSystem
 
@@ -122,6 +124,11 @@ def test_hub_cache_layout_loads_offline_with_revision_and_subfolder(tmp_path, mo
     flags = ["--revision", "v1.0", "--subfolder", "sub", "--cache-dir", str(cache), "--local-files-only"]
     assert main(["convert", "deepseek-ocr", REPO, str(out), *flags]) == 0
     assert_same_weights(DeepEncoderModel.from_pretrained(out), model)
+    Image.new("RGB", (300, 200), "white").save(tmp_path / "page.png")
+    encode_args = ["encode", str(tmp_path / "page.png"), "--weights", REPO, "--out", str(tmp_path / "tokens"), *flags]
+    assert main([*encode_args, "--mode", "gundam", "--base-size", "256", "--tile-size", "128", "--no-progress"]) == 0
+    tokens = load_file(str(tmp_path / "tokens" / "page.png.safetensors"))["page.0"]
+    assert tokens.shape[1] == model.config.projector_dim
 
     with pytest.raises(CheckpointError, match="not in the hub cache"):
         DeepEncoderModel.from_deepseek_ocr(REPO, **{**hub, "revision": "v2.0"})
