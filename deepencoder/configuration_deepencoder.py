@@ -10,6 +10,8 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from .layout import count_tokens
+
 SAM_PRESETS: dict[str, dict[str, Any]] = {
     "vit_b": {
         "hidden_size": 768,
@@ -181,10 +183,22 @@ class DeepEncoderConfig(PretrainedConfig):
         clip_config: `DeepEncoderClipConfig` or its dict.
         projector_dim: width of the language model the tokens are projected to (1280 for DeepSeek-OCR).
         projector_bias: bias on the projector.
+
+    What VLM stacks read from a vision tower's config (LLaVA-style code: `vision_tower.config.hidden_size`, image
+    and patch size for the token count), in the tower's terms:
+        hidden_size: width of the tokens `forward` returns (an alias of `projector_dim`; 1280).
+        image_size: side of the view the tower was trained at (`sam_config.image_size`, 1024 px).
+        patch_size: pixels per output token side (`sam_config.downsample`, 64: patch 16 and two stride-2 convs), so
+            `(image_size // patch_size) ** 2` is `num_patches`.
+        num_patches: tokens of one `image_size` view before the page layout (256).
+        num_image_tokens: length of an untiled `image_size` page's sequence, newlines and separator included (273).
+    Pages of other sizes and tiled pages have other lengths: the processor's `num_image_tokens` gives each page's.
     """
 
     model_type = "deepencoder"
+    attribute_map = {"hidden_size": "projector_dim"}
     sub_configs = {"sam_config": DeepEncoderSamConfig, "clip_config": DeepEncoderClipConfig}
+    _auto_class = "AutoConfig"  # save_pretrained writes auto_map and the model files (trust_remote_code loading)
 
     def __init__(
         self,
@@ -219,3 +233,20 @@ class DeepEncoderConfig(PretrainedConfig):
     def join_dim(self) -> int:
         """Width of `cat(clip_tokens, sam_tokens)` (2048)."""
         return self.clip_config.hidden_size + self.sam_config.output_channels
+
+    @property
+    def image_size(self) -> int:
+        return self.sam_config.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.sam_config.downsample
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        side = self.image_size // self.patch_size
+        return count_tokens((side, side))

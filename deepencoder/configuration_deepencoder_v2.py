@@ -12,6 +12,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from .configuration_deepencoder import DeepEncoderSamConfig
+from .layout import count_query_tokens
 
 V2_COMPRESSOR_CHANNELS = (512, 896)
 
@@ -80,10 +81,22 @@ class DeepEncoderV2Config(PretrainedConfig):
         encoder_config: `DeepEncoderV2EncoderConfig` or its dict.
         projector_dim: width of the language model the tokens are projected to (1280).
         projector_bias: bias on the projector.
+
+    What VLM stacks read from a vision tower's config (LLaVA-style code: `vision_tower.config.hidden_size`, image
+    and patch size for the token count), in the tower's terms:
+        hidden_size: width of the tokens `forward` returns (an alias of `projector_dim`; 1280).
+        image_size: side of the global view the tower was trained at (`sam_config.image_size`, 1024 px).
+        patch_size: pixels per output token side (`sam_config.downsample`, 64), so `(image_size // patch_size) ** 2`
+            is `num_patches`, the queries of one view (`queries_for(image_size)`, 256).
+        num_patches: query tokens of one `image_size` view (256).
+        num_image_tokens: length of an untiled `image_size` page's sequence, separator included (257).
+    Tiled pages are longer: the processor's `num_image_tokens` gives each page's.
     """
 
     model_type = "deepencoder_v2"
+    attribute_map = {"hidden_size": "projector_dim"}
     sub_configs = {"sam_config": DeepEncoderSamConfig, "encoder_config": DeepEncoderV2EncoderConfig}
+    _auto_class = "AutoConfig"  # save_pretrained writes auto_map and the model files (trust_remote_code loading)
 
     def __init__(
         self,
@@ -113,6 +126,22 @@ class DeepEncoderV2Config(PretrainedConfig):
                 f"the SAM stage outputs {sam_config.output_channels} channels but the encoder is "
                 f"{encoder_config.hidden_size} wide; they must match (the SAM tokens enter the encoder as they are)"
             )
+
+    @property
+    def image_size(self) -> int:
+        return self.sam_config.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.sam_config.downsample
+
+    @property
+    def num_patches(self) -> int:
+        return self.queries_for(self.image_size)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return count_query_tokens(self.num_patches)
 
     def queries_for(self, view_size: int) -> int:
         """Query tokens a view_size x view_size view yields: (view_size / downsample)**2 (1024 -> 256, 768 -> 144)."""

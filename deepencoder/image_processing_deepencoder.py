@@ -174,6 +174,7 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
     """
 
     model_input_names = ["pixel_values", "pixel_values_tiles", "tile_grids"]
+    _auto_class = "AutoImageProcessor"  # save_pretrained writes auto_map and this file (trust_remote_code loading)
 
     def __init__(
         self,

@@ -18,7 +18,7 @@ from .freezing import FreezeTargets, FreezingMixin
 from .layout import group_views_by_size, layout_page, tile_counts
 from .modeling_clip import ClipEmbeddings, DeepEncoderClipModel
 from .modeling_sam import DeepEncoderSamModel, SamAttention
-from .modeling_utils import TowerLoadingMixin
+from .modeling_utils import TowerLoadingMixin, checkpoint_loader
 
 
 @dataclass
@@ -126,6 +126,8 @@ class DeepEncoderModel(TowerLoadingMixin, DeepEncoderPreTrainedModel):
     `model.sam.neck_features(pixel_values)` (B, 256, H/16, W/16), `model.clip(sam_features)` (B, 1 + h*w, 1024).
     """
 
+    _auto_class = "AutoModel"  # save_pretrained writes auto_map and the model files (trust_remote_code loading)
+
     def __init__(self, config: DeepEncoderConfig) -> None:
         super().__init__(config)
         self.sam = DeepEncoderSamModel(config.sam_config)
@@ -140,13 +142,26 @@ class DeepEncoderModel(TowerLoadingMixin, DeepEncoderPreTrainedModel):
     # `TowerLoadingMixin`, deepencoder/modeling_utils.py)
     @classmethod
     def from_deepseek_ocr(
-        cls, path_or_repo_id: str, *, revision: str | None = None, dtype: torch.dtype | None = None, **kwargs
+        cls,
+        path_or_repo_id: str,
+        *,
+        revision: str | None = None,
+        dtype: torch.dtype | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        subfolder: str = "",
+        force_download: bool = False,
+        **kwargs,
     ) -> DeepEncoderModel:
         """Build the tower from a DeepSeek-OCR checkpoint (local directory of *.safetensors, or a hub id), reading
-        only the vision tensors. Extra keyword arguments go to `DeepEncoderConfig`."""
-        from .conversion.load import load_deepseek_ocr
-
-        return load_deepseek_ocr(path_or_repo_id, revision=revision, dtype=dtype, config_kwargs=kwargs)
+        only the vision tensors. `revision`, `cache_dir`, `local_files_only`, `token`, `subfolder` and
+        `force_download` mean what they mean to `from_pretrained`; the byte ranges read from the hub are kept in its
+        cache. Extra keyword arguments go to `DeepEncoderConfig`. Needs the `deepencoder` package imported (its
+        conversion layer)."""
+        hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        hub.update(subfolder=subfolder, force_download=force_download)
+        return checkpoint_loader("deepseek-ocr")(cls, path_or_repo_id, dtype=dtype, config_kwargs=kwargs, **hub)
 
     def set_attention_kernel(self, rel_pos: str | None = None) -> None:
         """Pin the kernel SAM's rel-pos attention runs with (`mask`, `folded`, `eager`, or one registered with

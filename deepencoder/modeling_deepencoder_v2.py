@@ -28,7 +28,7 @@ from .configuration_deepencoder_v2 import DeepEncoderV2Config, DeepEncoderV2Enco
 from .freezing import FreezeTargets, FreezingMixin
 from .layout import group_views_by_size, layout_query_page, tile_counts
 from .modeling_sam import DeepEncoderSamModel, SamAttention
-from .modeling_utils import TowerLoadingMixin
+from .modeling_utils import TowerLoadingMixin, checkpoint_loader
 
 
 @dataclass
@@ -294,6 +294,8 @@ class DeepEncoderV2Model(TowerLoadingMixin, DeepEncoderV2PreTrainedModel):
     (B, 896, H/64, W/64), `model.encoder(sam_features)` (B, n, 896) query outputs, `model.projector`.
     """
 
+    _auto_class = "AutoModel"  # save_pretrained writes auto_map and the model files (trust_remote_code loading)
+
     def __init__(self, config: DeepEncoderV2Config) -> None:
         super().__init__(config)
         self.sam = DeepEncoderSamModel(config.sam_config)
@@ -307,18 +309,27 @@ class DeepEncoderV2Model(TowerLoadingMixin, DeepEncoderV2PreTrainedModel):
     # `TowerLoadingMixin`, deepencoder/modeling_utils.py)
     @classmethod
     def from_deepseek_ocr2(
-        cls, path_or_repo_id: str, *, revision: str | None = None, dtype: torch.dtype | None = None, **kwargs
+        cls,
+        path_or_repo_id: str,
+        *,
+        revision: str | None = None,
+        dtype: torch.dtype | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        subfolder: str = "",
+        force_download: bool = False,
+        **kwargs,
     ) -> DeepEncoderV2Model:
         """Build the tower from a DeepSeek-OCR-2 checkpoint (local directory of *.safetensors, or a hub id), reading
         only the vision tensors (`model.sam_model.*`, `model.qwen2_model.*`, `model.projector.*`,
-        `model.view_seperator`). Extra keyword arguments go to `DeepEncoderV2Config`."""
-        from .conversion.deepseek_ocr2 import DEEPENCODER_V2
-        from .conversion.load import load_tower
-
-        model, _ = load_tower(
-            path_or_repo_id, family=DEEPENCODER_V2, revision=revision, dtype=dtype, config_kwargs=kwargs
-        )
-        return model
+        `model.view_seperator`). `revision`, `cache_dir`, `local_files_only`, `token`, `subfolder` and
+        `force_download` mean what they mean to `from_pretrained`; the byte ranges read from the hub are kept in its
+        cache. Extra keyword arguments go to `DeepEncoderV2Config`. Needs the `deepencoder` package imported (its
+        conversion layer)."""
+        hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        hub.update(subfolder=subfolder, force_download=force_download)
+        return checkpoint_loader("deepseek-ocr2")(cls, path_or_repo_id, dtype=dtype, config_kwargs=kwargs, **hub)
 
     # ------------------------------------------------------------------ compute
     def encode_views(

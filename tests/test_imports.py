@@ -1,7 +1,8 @@
 """Layers import downward only, read off the source: every `import` statement of the `deepencoder` package (function
 level included; `if TYPE_CHECKING:` blocks excluded) makes an edge of the module graph. The graph has no cycle;
-the model layer imports nothing from conversion / pipeline / training / integrations (the one exception: a
-`from_*` classmethod of a modeling file may defer to conversion); conversion imports nothing above it."""
+the model layer imports nothing from conversion / pipeline / training / integrations, lazily or not (its files are
+what `save_pretrained` copies beside a checkpoint for `trust_remote_code` loading); conversion imports nothing above
+it."""
 
 from __future__ import annotations
 
@@ -123,31 +124,17 @@ def layer(module: str) -> str:
 
 
 def test_the_walker_sees_function_level_and_relative_imports():
-    """The graph would show today's known edges: a function-level deferral from the model to conversion, and the
-    package's relative imports."""
+    """The graph shows known edges: a function-level import (the pipeline's Ray engine, imported in `run_ray`), and
+    the package's relative imports; the cycle finder finds a cycle closed by a function-level edge."""
     graph = import_graph()
-    assert ("deepencoder.conversion.load", ("from_deepseek_ocr",)) in graph["deepencoder.modeling_deepencoder"]
+    assert ("deepencoder.pipeline.ray", ("run_ray",)) in graph["deepencoder.pipeline.cli"]
     assert any(t == "deepencoder.conversion.registry" for t, _ in graph["deepencoder.conversion.detect"])
     assert find_cycle({"a": [("b", ())], "b": [("c", ("f",))], "c": [("a", ())]}) == ["a", "b", "c", "a"]
 
 
-def deferred_loader(module: str, target: str, scope: tuple[str, ...]) -> bool:
-    """The one allowed upward edge: a modeling file's `from_*` (class)method deferring to conversion."""
-    return (
-        layer(module).startswith("modeling_")
-        and layer(target) == "conversion"
-        and bool(scope)
-        and scope[-1].startswith("from_")
-    )
-
-
 def test_no_import_cycle():
-    """No cycle once the allowed deferrals are set aside (any other edge closing a loop is a cycle, lazy or not)."""
-    graph = {
-        module: [(t, scope) for t, scope in imports if not deferred_loader(module, t, scope)]
-        for module, imports in import_graph().items()
-    }
-    cycle = find_cycle(graph)
+    """No cycle, lazy (function-level) imports counted."""
+    cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle)
 
 
@@ -157,7 +144,7 @@ def test_model_layer_imports_nothing_above_it():
         for module, imports in import_graph().items()
         if layer(module).startswith(MODEL_LAYER)
         for target, scope in imports
-        if layer(target) in ABOVE_MODEL and not deferred_loader(module, target, scope)
+        if layer(target) in ABOVE_MODEL
     ]
     assert not offending, offending
 
@@ -171,3 +158,25 @@ def test_conversion_imports_nothing_above_it():
         if layer(target) in ABOVE_CONVERSION
     ]
     assert not offending, offending
+
+
+def test_model_layer_files_import_each_other_flat():
+    """What transformers copies for `trust_remote_code` (`custom_object_save`: a class's file and, recursively, the
+    files its `from .x import` lines name) stays in the model layer, each a sibling file: no `from ..x`, no
+    `from .package.x`, no absolute `deepencoder` import (the copies live in transformers' dynamic-module folder,
+    without this package)."""
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files
+
+    roots = ("configuration_deepencoder", "configuration_deepencoder_v2", "modeling_deepencoder")
+    roots += ("modeling_deepencoder_v2", "image_processing_deepencoder")
+    copied = set(roots)
+    for root in roots:
+        copied |= {Path(f).stem for f in get_relative_import_files(PACKAGE / f"{root}.py")}
+    assert all(name.startswith(MODEL_LAYER) and (PACKAGE / f"{name}.py").is_file() for name in copied), copied
+    for name in copied:
+        source = PACKAGE / f"{name}.py"
+        assert "deepencoder" not in get_imports(source), name
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1 and node.module and "." not in node.module, (name, node.module)
+                assert (PACKAGE / f"{node.module}.py").is_file(), (name, node.module)

@@ -12,6 +12,7 @@ from typing import Any
 from ..dtypes import DTYPE_NAMES, parse_dtype
 from ..image_processing_deepencoder import DeepEncoderImageProcessor
 from .deepseek_ocr2 import DEEPENCODER_V2
+from .hub import HubOptions
 from .io import CheckpointError
 from .load import load_clip, load_composed, load_composed_v2, load_segment_anything, load_tower
 from .save import save_converted
@@ -88,7 +89,31 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default=None, help="output dtype (default: the source's)")
     parser.add_argument("--max-shard-size", default="5GB", help="shard size for save_pretrained (e.g. 2GB)")
+    add_hub_options(parser)
+
+
+def add_hub_options(parser: argparse.ArgumentParser) -> None:
+    """`from_pretrained`'s hub arguments as flags (`hub_options` reads them back); the byte ranges read from the hub
+    are kept in its cache, so a second run works offline (see `deepencoder.conversion.hub`)."""
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for hub ids")
+    parser.add_argument("--cache-dir", default=None, help="hub cache folder (default: HF_HUB_CACHE)")
+    parser.add_argument(
+        "--local-files-only", action="store_true", help="read only the hub cache (as HF_HUB_OFFLINE=1 does)"
+    )
+    parser.add_argument("--token", default=None, help="hub token (default: the logged-in one, HF_TOKEN)")
+    parser.add_argument("--subfolder", default="", help="folder of the checkpoint inside the repository or directory")
+    parser.add_argument("--force-download", action="store_true", help="read from the hub again, ignoring the cache")
+
+
+def hub_options(args: argparse.Namespace) -> HubOptions:
+    return HubOptions(
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        local_files_only=args.local_files_only,
+        token=args.token,
+        subfolder=args.subfolder,
+        force_download=args.force_download,
+    )
 
 
 def add_clip_options(parser: argparse.ArgumentParser) -> None:
@@ -136,13 +161,13 @@ def _run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]], descript
 
 
 def run_tower(args: argparse.Namespace) -> int:
-    return _run(args, lambda: load_tower(args.src, revision=args.revision), args.description.format(src=args.src))
+    return _run(args, lambda: load_tower(args.src, hub=hub_options(args)), args.description.format(src=args.src))
 
 
 def run_segment_anything(args: argparse.Namespace) -> int:
     return _run(
         args,
-        lambda: load_segment_anything(args.src, revision=args.revision),
+        lambda: load_segment_anything(args.src, hub=hub_options(args)),
         f"segment-anything image encoder ({args.src}); compressor, CLIP stage and projector initialised",
     )
 
@@ -150,7 +175,7 @@ def run_segment_anything(args: argparse.Namespace) -> int:
 def run_clip(args: argparse.Namespace) -> int:
     return _run(
         args,
-        lambda: load_clip(args.src, revision=args.revision, clip_config=clip_options(args)),
+        lambda: load_clip(args.src, hub=hub_options(args), clip_config=clip_options(args)),
         f"CLIP vision transformer ({args.src}); SAM stage, compressor and projector initialised",
     )
 
@@ -158,7 +183,7 @@ def run_clip(args: argparse.Namespace) -> int:
 def run_compose(args: argparse.Namespace) -> int:
     return _run(
         args,
-        lambda: load_composed(args.sam, args.clip, revision=args.revision, clip_config=clip_options(args)),
+        lambda: load_composed(args.sam, args.clip, hub=hub_options(args), clip_config=clip_options(args)),
         f"composed: SAM stage from {args.sam}, CLIP stage from {args.clip}; compressor and projector initialised",
     )
 
@@ -166,7 +191,7 @@ def run_compose(args: argparse.Namespace) -> int:
 def run_deepseek_ocr2(args: argparse.Namespace) -> int:
     return _run(
         args,
-        lambda: load_tower(args.src, family=DEEPENCODER_V2, revision=args.revision),
+        lambda: load_tower(args.src, family=DEEPENCODER_V2, hub=hub_options(args)),
         f"DeepSeek-OCR-2 ({args.src}), vision tower only",
         processor=DeepEncoderImageProcessor(mode="ocr2"),
     )
@@ -175,7 +200,7 @@ def run_deepseek_ocr2(args: argparse.Namespace) -> int:
 def run_compose_v2(args: argparse.Namespace) -> int:
     return _run(
         args,
-        lambda: load_composed_v2(args.sam, args.qwen2, revision=args.revision),
+        lambda: load_composed_v2(args.sam, args.qwen2, hub=hub_options(args)),
         f"composed V2: SAM stage from {args.sam}, encoder layers from {args.qwen2}; compressor, queries and "
         "projector initialised",
         processor=DeepEncoderImageProcessor(mode="ocr2"),

@@ -14,7 +14,10 @@ from ..modeling_deepencoder import DeepEncoderModel
 from .common import DEEPENCODER
 from .deepseek_ocr2 import DEEPENCODER_V2, assemble_v2
 from .formats import ModelFamily
+from .hub import HUB_KEYWORDS, HubOptions, Remote
+from .io import CheckpointError
 from .registry import FORMATS
+from .remote import open_checkpoint, read_json_beside
 from .report import ConversionReport
 from .sources import assemble_model, build_model, read_converted
 
@@ -39,13 +42,25 @@ def load_tower(
     dtype: torch.dtype | None = None,
     config_kwargs: dict[str, Any] | None = None,
     filesystem: Any = None,
+    hub: HubOptions | None = None,
+    remote: Remote | None = None,
 ) -> tuple[PreTrainedModel, ConversionReport]:
     """Any checkpoint holding a whole tower of `family` (for v1: DeepSeek-OCR, transformers' UnlimitedOcr models
     in either naming, a deepencoder directory; for V2: DeepSeek-OCR-2; None: whichever tower the checkpoint holds,
     its family read from its layout) -> the model, loaded strictly, and the report. Only the vision tensors are
-    read."""
+    read.
+
+    hub: `from_pretrained`'s hub arguments (`HubOptions`: revision, cache_dir, local_files_only, token, subfolder,
+    force_download; `revision` given here wins); the ranges read from the hub are kept in its cache
+    (`deepencoder.conversion.hub`). remote: where a hub id's bytes come from (default: the hub). Every `load_*`
+    here takes both."""
     part = read_converted(
-        path_or_repo_id, formats=whole_tower_formats(family), revision=revision, filesystem=filesystem
+        path_or_repo_id,
+        formats=whole_tower_formats(family),
+        revision=revision,
+        filesystem=filesystem,
+        hub=hub,
+        remote=remote,
     )
     return build_model(part, dtype=dtype, config_kwargs=config_kwargs)
 
@@ -57,14 +72,23 @@ def load_deepseek_ocr(
     dtype: torch.dtype | None = None,
     config_kwargs: dict[str, Any] | None = None,
     filesystem: Any = None,
+    hub: HubOptions | None = None,
+    remote: Remote | None = None,
 ) -> DeepEncoderModel:
     """Local directory / file or hub id of DeepSeek-OCR (or of transformers' UnlimitedOcr port) -> DeepEncoderModel
     with the released vision weights.
 
-    filesystem: an fsspec-style file system to read through (defaults: local files, or `HfFileSystem` for a hub id).
+    filesystem: an fsspec-style file system to read through (defaults: local files, or the hub through its cache
+    for a hub id). hub / remote: as `load_tower`.
     """
     model, _ = load_tower(
-        path_or_repo_id, revision=revision, dtype=dtype, config_kwargs=config_kwargs, filesystem=filesystem
+        path_or_repo_id,
+        revision=revision,
+        dtype=dtype,
+        config_kwargs=config_kwargs,
+        filesystem=filesystem,
+        hub=hub,
+        remote=remote,
     )
     return model
 
@@ -78,12 +102,21 @@ def load_segment_anything(
     clip_config: dict[str, Any] | None = None,
     config_kwargs: dict[str, Any] | None = None,
     filesystem: Any = None,
+    hub: HubOptions | None = None,
+    remote: Remote | None = None,
 ) -> tuple[DeepEncoderModel, ConversionReport]:
     """A checkpoint holding a SAM stage (segment-anything `sam_vit_*.pth`, transformers SAM, ...) -> DeepEncoderModel
     whose SAM trunk and neck hold its image encoder; the compressor (unless the source has one), the CLIP stage
     (released CLIP-L/14 config unless `clip_config` says otherwise), the projector, newline and separator are
     freshly initialised and listed in the report."""
-    part = read_converted(path_or_repo_id, formats=formats_providing("sam"), revision=revision, filesystem=filesystem)
+    part = read_converted(
+        path_or_repo_id,
+        formats=formats_providing("sam"),
+        revision=revision,
+        filesystem=filesystem,
+        hub=hub,
+        remote=remote,
+    )
     return assemble_model(
         part,
         None,
@@ -104,6 +137,8 @@ def load_clip(
     clip_config: dict[str, Any] | None = None,
     config_kwargs: dict[str, Any] | None = None,
     filesystem: Any = None,
+    hub: HubOptions | None = None,
+    remote: Remote | None = None,
 ) -> tuple[DeepEncoderModel, ConversionReport]:
     """A checkpoint holding a CLIP stage (open_clip / OpenAI, transformers CLIP, ...) -> DeepEncoderModel whose CLIP
     stage holds its vision transformer; the SAM stage (released ViT-B config unless `sam_config` says otherwise),
@@ -113,7 +148,14 @@ def load_clip(
     open_clip checkpoints do not state their activation: quick-GELU (OpenAI's weights) is assumed; pass
     `clip_config={"hidden_act": "gelu"}` for towers trained with exact GELU. transformers directories carry a
     config.json whose heads, activation and LayerNorm eps are used."""
-    part = read_converted(path_or_repo_id, formats=formats_providing("clip"), revision=revision, filesystem=filesystem)
+    part = read_converted(
+        path_or_repo_id,
+        formats=formats_providing("clip"),
+        revision=revision,
+        filesystem=filesystem,
+        hub=hub,
+        remote=remote,
+    )
     return assemble_model(
         None,
         part,
@@ -135,14 +177,20 @@ def load_composed(
     clip_config: dict[str, Any] | None = None,
     config_kwargs: dict[str, Any] | None = None,
     filesystem: Any = None,
+    hub: HubOptions | None = None,
+    remote: Remote | None = None,
 ) -> tuple[DeepEncoderModel, ConversionReport]:
     """A new DeepEncoder from public parts, the way DeepEncoder itself was initialised before training: SAM stage
     from `sam`, CLIP stage from `clip` (local paths or hub ids, any format holding that stage). The compressor
     (`net_2`, `net_3`, unless the SAM source has one), projector, newline and separator are initialised and
     reported; the compressor's widths default to (CLIP width / 2, CLIP width), 512 and 1024 for CLIP-L.
     `revision` and `filesystem` apply to both sources."""
-    sam_part = read_converted(sam, formats=formats_providing("sam"), revision=revision, filesystem=filesystem)
-    clip_part = read_converted(clip, formats=formats_providing("clip"), revision=revision, filesystem=filesystem)
+    sam_part = read_converted(
+        sam, formats=formats_providing("sam"), revision=revision, filesystem=filesystem, hub=hub, remote=remote
+    )
+    clip_part = read_converted(
+        clip, formats=formats_providing("clip"), revision=revision, filesystem=filesystem, hub=hub, remote=remote
+    )
     return assemble_model(
         sam_part,
         clip_part,
@@ -162,15 +210,24 @@ def load_composed_v2(
     dtype: torch.dtype | None = None,
     config_kwargs: dict[str, Any] | None = None,
     filesystem: Any = None,
+    hub: HubOptions | None = None,
+    remote: Remote | None = None,
 ) -> tuple[PreTrainedModel, ConversionReport]:
     """A new DeepEncoder V2 from public parts, as DeepSeek-OCR-2's tower was initialised: the SAM trunk and neck from
     `sam` (segment-anything `.pth`, transformers SAM, a DeepSeek-OCR checkpoint ...), the encoder's decoder layers
     and final norm from `qwen2` (a Qwen2 causal LM such as Qwen2-0.5B; its config.json gives heads, eps and the RoPE
     base). The compressor (`net_2`, `net_3` to 896), the learned queries, the projector and the separator are
     initialised; the report lists them and what was dropped (a SAM source's own compressor, the token embedding)."""
-    sam_part = read_converted(sam, formats=formats_providing("sam"), revision=revision, filesystem=filesystem)
+    sam_part = read_converted(
+        sam, formats=formats_providing("sam"), revision=revision, filesystem=filesystem, hub=hub, remote=remote
+    )
     qwen2_part = read_converted(
-        qwen2, formats=formats_providing("encoder", DEEPENCODER_V2), revision=revision, filesystem=filesystem
+        qwen2,
+        formats=formats_providing("encoder", DEEPENCODER_V2),
+        revision=revision,
+        filesystem=filesystem,
+        hub=hub,
+        remote=remote,
     )
     report = ConversionReport(source=f"SAM stage: {sam}; encoder: {qwen2}")
     for part, stage in ((sam_part, "sam"), (qwen2_part, "encoder")):
@@ -199,7 +256,7 @@ def load_composed_v2(
 
 # ------------------------------------------------------------------------------------------------ from_pretrained
 # what `from_pretrained` passes on when the checkpoint is converted on load; anything else is refused by name
-CONVERTED_LOAD_KWARGS = ("revision", "dtype", "torch_dtype", "device_map", "token")
+CONVERTED_LOAD_KWARGS = ("dtype", "torch_dtype", "device_map", *HUB_KEYWORDS)
 
 
 def _family_of(model_class: type[PreTrainedModel]) -> ModelFamily:
@@ -215,11 +272,17 @@ def _stated_model_type(path_or_repo_id: str, kwargs: dict[str, Any]) -> tuple[bo
     own config resolution (cache, revision, token, offline mode)."""
     from transformers import PretrainedConfig
 
-    hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only", "subfolder") if k in kwargs}
+    options = HubOptions.from_kwargs(kwargs)
     try:
-        config_dict, _ = PretrainedConfig.get_config_dict(str(path_or_repo_id), **hub)
+        config_dict, _ = PretrainedConfig.get_config_dict(str(path_or_repo_id), **options.transformers_kwargs())
     except OSError:
-        return False, None
+        if os.path.exists(str(path_or_repo_id)):
+            return False, None
+        try:  # a hub checkpoint whose config.json was read by an earlier converted load: in the range cache
+            config_dict = read_json_beside(open_checkpoint(str(path_or_repo_id), hub=options), "config.json")
+        except CheckpointError:
+            return False, None
+        return config_dict is not None, (config_dict or {}).get("model_type")
     return True, config_dict.get("model_type")
 
 
@@ -233,8 +296,10 @@ def load_converted_pretrained(
     `save_pretrained` in either naming). A checkpoint that holds no tower of `model_class`'s family is a
     `CheckpointError` naming what it holds, never a randomly initialised model.
 
-    Converted loading takes `revision`, `dtype` (`torch_dtype`; "auto" or absent: the checkpoint's), `device_map`
-    (one device), `token`, and config values (`model_class.config_class` attributes, such as `projector_dim` or
+    Converted loading takes `dtype` (`torch_dtype`; "auto" or absent: the checkpoint's), `device_map` (one device),
+    the hub's `revision`, `cache_dir`, `local_files_only`, `token`, `subfolder` and `force_download` (as
+    `from_pretrained` takes them; the byte ranges read are kept in the hub cache, see `deepencoder.conversion.hub`;
+    `subfolder` also applies to a local folder), and config values (`model_class.config_class` attributes, such as `projector_dim` or
     `sam_config`); any other keyword is a `TypeError`.
     """
     from transformers import PretrainedConfig
@@ -264,21 +329,15 @@ def load_converted_pretrained(
         )
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
     dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
-    filesystem = None
-    if kwargs.get("token") is not None and not local:
-        from huggingface_hub import HfFileSystem
-
-        filesystem = HfFileSystem(token=kwargs["token"])
     config_kwargs = {key: kwargs[key] for key in config_keys & set(kwargs)}
     if isinstance(kwargs.get("config"), dict):
         config_kwargs = {**kwargs["config"], **config_kwargs}
     model, _ = load_tower(
         str(path_or_repo_id),
         family=family,
-        revision=kwargs.get("revision"),
         dtype=dtype,
         config_kwargs=config_kwargs,
-        filesystem=filesystem,
+        hub=HubOptions.from_kwargs(kwargs),
     )
     if not isinstance(model, model_class):
         raise TypeError(f"{path_or_repo_id} holds a {type(model).__name__}, not a {model_class.__name__}")

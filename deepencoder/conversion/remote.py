@@ -1,7 +1,8 @@
 """One reading path for local and hub checkpoints: an fsspec-style file system (`open`, `glob`, `size`, `isdir`).
 
-Local paths use fsspec's `LocalFileSystem`; hub ids use `huggingface_hub.HfFileSystem`, whose file objects turn
-each `seek` + `read` into an HTTP range request, so only the selected tensors' bytes are downloaded.
+Local paths use fsspec's `LocalFileSystem`; hub ids use `hub.HubCacheFileSystem`, which turns each `seek` + `read`
+into an HTTP range request (only the selected tensors' bytes are downloaded) and keeps the ranges it read in the hub
+cache, so a second load reads nothing remote.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from .hub import HubCacheFileSystem, HubOptions, Remote
 from .io import (
     CheckpointError,
     load_pickle_weights,
@@ -43,24 +45,44 @@ class CheckpointSource:
     directory: str | None = None  # the folder holding the shards (and config.json), when a folder was given
 
 
-def open_checkpoint(path_or_repo_id: str, revision: str | None = None, filesystem: Any = None) -> CheckpointSource:
-    """Resolve a local file / directory or a hub id to its safetensors shards (listed by the index when present)."""
+def open_checkpoint(
+    path_or_repo_id: str,
+    revision: str | None = None,
+    filesystem: Any = None,
+    hub: HubOptions | None = None,
+    remote: Remote | None = None,
+) -> CheckpointSource:
+    """Resolve a local file / directory or a hub id to its safetensors shards (listed by the index when present).
+
+    hub: `from_pretrained`'s hub arguments (`revision` here wins over `hub.revision`); a hub id is read through
+    the hub cache (`HubCacheFileSystem`), `subfolder` also applies to a local directory. remote: where a hub id's
+    bytes come from (default: the hub)."""
     name = str(path_or_repo_id)
-    if filesystem is None and os.path.exists(name):
+    hub = hub or HubOptions()
+    if revision is not None:
+        hub = replace(hub, revision=revision)
+    local_name = os.path.join(name, hub.subfolder) if hub.subfolder else name
+    if filesystem is None and os.path.exists(local_name):
         from fsspec.implementations.local import LocalFileSystem
 
-        filesystem, root, local = LocalFileSystem(), os.path.abspath(name), True
+        filesystem, root, local = LocalFileSystem(), os.path.abspath(local_name), True
     elif filesystem is None:
         if not REPO_ID.match(name):
             raise CheckpointError(f"{name}: no such file or directory, and not a hub id of the form 'owner/name'")
-        from huggingface_hub import HfFileSystem  # a dependency; imported only when a hub id is read
-
-        repo, _, inner = name.partition("/")[2].partition("/")
-        owner = name.split("/", 1)[0]
-        root = f"{owner}/{repo}" + (f"@{revision}" if revision else "") + (f"/{inner}" if inner else "")
-        filesystem, local = HfFileSystem(), False
+        owner, repo, inner = (*name.split("/", 2), "")[:3]
+        root, local = "/".join(part for part in (hub.subfolder.strip("/"), inner) if part), False
+        try:
+            filesystem = HubCacheFileSystem(f"{owner}/{repo}", hub, remote)
+        except CheckpointError:
+            raise
+        except Exception as error:
+            raise CheckpointError(
+                f"cannot read checkpoint {name!r} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                "without network access, download the checkpoint elsewhere and pass its local file or directory "
+                "(e.g. --weights /path/to/DeepSeek-OCR), or load it once online: its ranges are kept in the hub cache"
+            ) from error
     else:
-        root, local = name, False
+        root, local = local_name, False
     try:
         if not filesystem.isdir(root):
             return CheckpointSource(name, filesystem, [root], local)

@@ -21,6 +21,7 @@ from ..modeling_deepencoder import DeepEncoderModel
 from .common import DEEPENCODER, STAGE_OF, instantiate
 from .detect import detect_format
 from .formats import CheckpointFormat, ModelFamily, StateDict
+from .hub import HubOptions, Remote
 from .io import CheckpointError
 from .registry import get_format
 from .remote import checkpoint_keys, open_checkpoint, read_json_beside, read_tensors
@@ -82,15 +83,20 @@ def read_converted(
     formats: Collection[str] | None = None,
     revision: str | None = None,
     filesystem: Any = None,
+    hub: HubOptions | None = None,
+    remote: Remote | None = None,
 ) -> ConvertedCheckpoint:
     """Local file / directory or hub id (`owner/name` or `owner/name/file`) -> `ConvertedCheckpoint`.
 
     formats: the layouts accepted here (others raise an error naming the detected one, before any tensor is read).
-    filesystem: an fsspec-style file system to read through (default: local files, or `HfFileSystem` for hub ids).
-    Safetensors are read by ranges: only the headers and the tensors the format needs are fetched.
+    filesystem: an fsspec-style file system to read through (default: local files, or the hub through its cache).
+    hub: `from_pretrained`'s hub arguments (`HubOptions`: cache_dir, local_files_only, token, subfolder,
+    force_download; `revision` given here wins). remote: where a hub id's bytes come from (default: the hub).
+    Safetensors are read by ranges: only the headers and the tensors the format needs are fetched; from the hub,
+    the ranges read are kept in the hub cache (see `deepencoder.conversion.hub`).
     """
     name = str(path_or_repo_id)
-    source = open_checkpoint(name, revision=revision, filesystem=filesystem)
+    source = open_checkpoint(name, revision=revision, filesystem=filesystem, hub=hub, remote=remote)
     keys = checkpoint_keys(source)
     everything = None
     if keys is None:  # pickled: the names are known only once the (weights-only) unpickling is done

@@ -13,6 +13,7 @@ import sys
 import torch
 from PIL import Image
 
+from ..conversion.cli import add_hub_options, hub_options
 from ..dtypes import DTYPE_NAMES, parse_dtype
 from ..image_processing_deepencoder import RESOLUTION_MODES, DeepEncoderImageProcessor
 from .runner import FEATURES, EncodeOptions, encode
@@ -41,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"DeepSeek-OCR directory or hub id, a `deepencoder` save_pretrained directory, or `{RANDOM}` "
         f"(default: {DEFAULT_WEIGHTS})",
     )
+    add_hub_options(parser.add_argument_group("hub (for a --weights hub id; as from_pretrained takes them)"))
     parser.add_argument("--config", help="config.json (or its directory) for --weights random; default: real size")
     parser.add_argument("--seed", type=int, default=0, help="seed of --weights random (the same in every process)")
     parser.add_argument("--mode", default="gundam", choices=list(RESOLUTION_MODES), help="resolution mode")
@@ -180,6 +182,7 @@ def run_ray(args: argparse.Namespace) -> int:
             num_cpus_per_worker=args.num_cpus_per_worker,
             concurrency=_concurrency(args.concurrency),
             address=args.address,
+            hub=hub_options(args),
         )
     except (OutputLocked, ValueError, ImportError) as error:
         say(f"error: {error}")
@@ -201,7 +204,9 @@ def run_encode(args: argparse.Namespace) -> int:
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if rank == 0 else (lambda *a, **k: None)
     try:
         try:
-            model, description = load_model(args.weights, args.config, seed=args.seed, mode=args.mode)
+            model, description = load_model(
+                args.weights, args.config, seed=args.seed, mode=args.mode, hub=hub_options(args)
+            )
         except WeightsError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

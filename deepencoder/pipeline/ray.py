@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..conversion.hub import HubOptions
 from ..dtypes import parse_dtype
 from ..image_processing_deepencoder import DeepEncoderImageProcessor
 from . import writer
@@ -126,13 +127,13 @@ def _prepare(batch: dict[str, np.ndarray], work: PageWork) -> dict[str, np.ndarr
 class _ModelLoader:
     """`load_model(weights, config, seed, mode=...)` inside the actor (the checkpoint is read once per actor)."""
 
-    def __init__(self, weights: str, config: str | None, seed: int, mode: str | None = None) -> None:
-        self.weights, self.config, self.seed, self.mode = weights, config, seed, mode
+    def __init__(self, weights: str, config: str | None, seed: int, mode: str | None = None, hub=None) -> None:
+        self.weights, self.config, self.seed, self.mode, self.hub = weights, config, seed, mode, hub
 
     def __call__(self) -> torch.nn.Module:
         from .weights import load_model
 
-        return load_model(self.weights, self.config, seed=self.seed, mode=self.mode)[0]
+        return load_model(self.weights, self.config, seed=self.seed, mode=self.mode, hub=self.hub)[0]
 
 
 class _Tower:
@@ -253,12 +254,14 @@ def encode_dataset(
     concurrency: int | tuple[int, int] = 1,
     address: str | None = None,
     max_merges_in_flight: int = 16,
+    hub: HubOptions | None = None,
     **option_overrides,
 ) -> EncodeResult:
     """Encode every page of `inputs` into `out_dir` on a Ray cluster; same outputs as `runner.encode`.
 
     weights: what `load_model` takes (a DeepSeek-OCR directory or hub id, a `save_pretrained` directory, `random`
         with `config` / `seed`), or a picklable callable returning a tower; every actor loads it once.
+    hub: `from_pretrained`'s hub arguments for a `weights` hub id (`load_model`'s).
     processor: a DeepEncoderImageProcessor or a mode name. options / option_overrides: `EncodeOptions` fields
         (`batch_size` is the tower batch; `workers` and `prefetch` are the local runner's and unused here).
     device / compute_dtype: where and in which dtype each actor runs the tower (`auto`: its GPU if it has one).
@@ -281,7 +284,7 @@ def encode_dataset(
     loader = (
         weights
         if callable(weights)
-        else _ModelLoader(os.fspath(weights), config and os.fspath(config), seed, mode=processor.mode)
+        else _ModelLoader(os.fspath(weights), config and os.fspath(config), seed, mode=processor.mode, hub=hub)
     )
     dtype = str(parse_dtype(compute_dtype)).removeprefix("torch.")
     started_ray = False

@@ -13,6 +13,7 @@ from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
 from ..configuration_deepencoder import DeepEncoderConfig
 from ..configuration_deepencoder_v2 import DeepEncoderV2Config
+from ..conversion.hub import HubOptions
 from ..conversion.io import CheckpointError
 from ..conversion.load import load_tower
 from ..image_processing_deepencoder import RESOLUTION_MODES
@@ -66,13 +67,18 @@ def load_model(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     mode: str | None = None,
+    hub: HubOptions | None = None,
 ) -> tuple[PreTrainedModel, str]:
     """Returns (tower in eval mode, a short description of where its weights came from).
+
+    hub: `from_pretrained`'s hub arguments for a hub id or a folder's `subfolder` (revision, cache_dir,
+    local_files_only, token, subfolder, force_download); the ranges read are kept in the hub cache.
 
     `random` initialises `config` (default: the released architecture of the tower `mode` is for) from `seed`,
     identically in every process.
     """
     weights = os.fspath(weights)
+    hub = hub or HubOptions()
     if weights == RANDOM:
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
@@ -81,12 +87,12 @@ def load_model(
         finally:
             torch.random.set_rng_state(generator_state)
         description = f"RANDOM weights (seed {seed}): outputs are meaningless, for trying the pipeline only"
-    elif is_save_pretrained_dir(weights):
-        model = AutoModel.from_pretrained(weights)
+    elif is_save_pretrained_dir(os.path.join(weights, hub.subfolder)):
+        model = AutoModel.from_pretrained(os.path.join(weights, hub.subfolder))
         description = f"deepencoder checkpoint {weights}"
     else:
         try:
-            model, _ = load_tower(weights, family=None)
+            model, _ = load_tower(weights, family=None, hub=hub)
         except CheckpointError as error:
             message = str(error)
             if "pass its local directory" not in message:
