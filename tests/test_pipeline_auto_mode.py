@@ -104,6 +104,9 @@ def test_command_line_auto_mode(tmp_path):
     refused = cli([*inputs, "--out", str(tmp_path / "x"), "--weights", str(weights), "--mode", "auto",
                    "--base-size", "512", "--no-progress"])  # fmt: skip
     assert refused.returncode == 2 and "--base-size" in refused.stderr
+    fixed = cli([*inputs, "--out", str(tmp_path / "y"), "--weights", str(weights), "--mode", "tiny",
+                 "--tokenizer", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert fixed.returncode == 2 and "apply to --mode auto" in fixed.stderr
 
 
 def test_ray_engine_auto_mode_equals_local(tmp_path):

@@ -106,6 +106,8 @@ def _processor(args: argparse.Namespace, v2: bool) -> DeepEncoderImageProcessor:
         if args.base_size is not None or args.tile_size is not None:
             raise ValueError("--mode auto takes no --base-size / --tile-size (each mode keeps its sizes)")
         return auto_processor(args, V2_AUTO_MODES) if v2 else auto_processor(args)
+    if args.auto_modes or args.tokenizer:
+        raise ValueError("--auto-modes and --tokenizer apply to --mode auto")
     return DeepEncoderImageProcessor(mode=args.mode, base_size=args.base_size, tile_size=args.tile_size)
 
 
