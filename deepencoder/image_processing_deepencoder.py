@@ -212,8 +212,7 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
                 raise ValueError("mode='auto' takes no base_size / tile_size override (each mode keeps its sizes)")
         elif mode not in RESOLUTION_MODES:
             raise ValueError(f"unknown mode {mode!r}; choose one of {[*RESOLUTION_MODES, AUTO]}")
-        mode_crops = max((RESOLUTION_MODES[m].max_crops for m in auto_modes), default=9) if mode == AUTO else (
-            RESOLUTION_MODES[mode].max_crops)  # fmt: skip
+        mode_crops = max(RESOLUTION_MODES[name].max_crops for name in (auto_modes if mode == AUTO else (mode,)))
         if not 1 <= min_crops <= (mode_crops if max_crops is None else max_crops):
             raise ValueError(f"need 1 <= min_crops <= max_crops, got {min_crops}, {max_crops}")
         self.mode = mode
