@@ -13,6 +13,7 @@ COMMANDS: dict[str, str] = {
     "convert": "deepencoder.conversion.cli",
     "encode": "deepencoder.pipeline.cli",
     "export-onnx": "deepencoder.export",
+    "plan": "deepencoder.pipeline.plan",
 }
 
 

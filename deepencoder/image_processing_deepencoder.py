@@ -17,6 +17,16 @@ import torch
 from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
+from .image_processing_auto_mode import (
+    DEFAULT_MAX_COMPRESSION,
+    PIXEL_CALIBRATION,
+    ModeChoice,
+    TextEstimate,
+    check_auto_modes,
+    choose_mode,
+    count_text_tokens,
+    estimate_pixel_text_tokens,
+)
 from .layout import count_query_tokens, count_tokens
 
 
@@ -54,6 +64,9 @@ RESOLUTION_MODES: dict[str, ResolutionMode] = {
         ResolutionMode("ocr2-base", 1024, "pad", layout="queries"),
     )
 }
+
+AUTO = "auto"  # per page, the cheapest of `auto_modes` that keeps the page readable (image_processing_auto_mode)
+DEFAULT_AUTO_MODES = ("tiny", "small", "base", "large", "gundam")  # DeepEncoder V2: ("ocr2-base", "ocr2")
 
 ImageLike = Image.Image | np.ndarray | str | os.PathLike
 
@@ -171,6 +184,9 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
             6 in `ocr2`).
         downsample: pixels per output token side (patch 16 x two stride-2 convs = 64).
         image_mean, image_std: normalisation (0.5, 0.5); the padding colour is `int(mean * 255)`.
+        max_compression, auto_modes: `mode="auto"`: each page gets the cheapest of `auto_modes` (default: tiny,
+            small, base, large, gundam) whose vision tokens keep its text tokens per vision token at or under
+            `max_compression` (see `image_processing_auto_mode`); the output reports the choice per page.
     """
 
     model_input_names = ["pixel_values", "pixel_values_tiles", "tile_grids"]
@@ -186,12 +202,19 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         downsample: int = 64,
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
+        max_compression: float = DEFAULT_MAX_COMPRESSION,
+        auto_modes: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if mode not in RESOLUTION_MODES:
-            raise ValueError(f"unknown mode {mode!r}; choose one of {list(RESOLUTION_MODES)}")
-        if not 1 <= min_crops <= (RESOLUTION_MODES[mode].max_crops if max_crops is None else max_crops):
+        if mode == AUTO:
+            auto_modes = check_auto_modes(auto_modes or DEFAULT_AUTO_MODES, RESOLUTION_MODES, max_compression)
+            if base_size is not None or tile_size is not None:
+                raise ValueError("mode='auto' takes no base_size / tile_size override (each mode keeps its sizes)")
+        elif mode not in RESOLUTION_MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {[*RESOLUTION_MODES, AUTO]}")
+        mode_crops = max(RESOLUTION_MODES[name].max_crops for name in (auto_modes if mode == AUTO else (mode,)))
+        if not 1 <= min_crops <= (mode_crops if max_crops is None else max_crops):
             raise ValueError(f"need 1 <= min_crops <= max_crops, got {min_crops}, {max_crops}")
         self.mode = mode
         self.base_size = base_size
@@ -201,10 +224,14 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         self.downsample = downsample
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
+        self.max_compression = float(max_compression)
+        self.auto_modes = list(auto_modes) if auto_modes else None
 
     # ------------------------------------------------------------------ planning
     @property
     def resolution(self) -> ResolutionMode:
+        if self.mode == AUTO:
+            raise ValueError("mode='auto' has no single resolution: see mode_processors() / choose_mode()")
         mode = RESOLUTION_MODES[self.mode]
         base = self.base_size or mode.base_size
         tile = mode.tile_size if self.tile_size is None else (self.tile_size or None)
@@ -273,6 +300,8 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         images: ImageLike | Sequence[ImageLike],
         return_tensors: str | None = "pt",
         mode: str | None = None,
+        text: str | Sequence[str | None] | None = None,
+        tokenizer: Any = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """Pages -> BatchFeature with
@@ -281,7 +310,13 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         `tile_grids`: list of (cols, rows) per page; `num_image_tokens`: list of ints.
 
         mode: this call's resolution mode instead of the processor's (`processor(page, mode="tiny")`). Any other
-        keyword is an error: a misspelt or unsupported option never passes silently."""
+        keyword is an error: a misspelt or unsupported option never passes silently.
+
+        With `mode="auto"` each page is processed in the mode `choose_mode` picks for it, exactly as a call in that
+        mode would (views of different sizes come back as a list); `text` (one string or None per page) is the
+        pages' known text, counted with `tokenizer` if given, else by the characters-per-token rule; a page without
+        text is estimated from its pixels. The output adds per page `modes`, `text_tokens_estimate`,
+        `estimate_source`, `compression` and `fits` (`num_image_tokens` are the chosen modes' vision tokens)."""
         if kwargs:
             raise TypeError(
                 f"unexpected keyword arguments {sorted(kwargs)}; {type(self).__name__} takes images, "
@@ -292,7 +327,9 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
                 raise ValueError(f"unknown mode {mode!r}; choose one of {list(RESOLUTION_MODES)}")
             settings = {**self.to_dict(), "mode": mode}
             settings.pop("image_processor_type", None)
-            return type(self)(**settings).preprocess(images, return_tensors=return_tensors)
+            return type(self)(**settings).preprocess(
+                images, return_tensors=return_tensors, text=text, tokenizer=tokenizer
+            )
         if return_tensors not in (None, "pt"):
             raise ValueError("only return_tensors='pt' is supported")
         if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
@@ -300,6 +337,10 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         images = list(images)
         if not images:
             raise ValueError("no images given")
+        if self.mode == AUTO:
+            return self._preprocess_auto(images, text, tokenizer)
+        if text is not None or tokenizer is not None:
+            raise TypeError("text / tokenizer are only used by mode='auto'")
         globals_, tiles, grids, tokens = [], [], [], []
         for index, raw in enumerate(images):
             image = load_image(raw, name=raw if isinstance(raw, (str, os.PathLike)) else f"image {index}")
@@ -320,3 +361,68 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
 
     def __call__(self, images: ImageLike | Sequence[ImageLike], **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, **kwargs)
+
+    # ------------------------------------------------------------------ mode="auto"
+    def mode_processors(self) -> dict[str, DeepEncoderImageProcessor]:
+        """`mode="auto"`: one processor per allowed mode (same settings otherwise), in the allowed order."""
+        settings = {**self.to_dict()}
+        for key in ("image_processor_type", "mode", "auto_modes", "max_compression"):
+            settings.pop(key, None)
+        return {name: type(self)(mode=name, **settings) for name in self.auto_modes or ()}
+
+    def choose_mode(
+        self,
+        width: int,
+        height: int,
+        text_tokens: int | None = None,
+        source: str = "text-layer",
+        image: ImageLike | None = None,
+        sizes: dict[str, tuple[int, int]] | None = None,
+    ) -> ModeChoice:
+        """`mode="auto"`: the mode for a width x height page holding `text_tokens` (counted from `source`), or,
+        without them, the pixel estimate of `image` (the decision then applies the calibration's margin).
+        sizes: the page's pixel size per mode where it differs (a PDF rendered to each mode's size)."""
+        if image is not None and text_tokens is None:
+            estimate, margin = TextEstimate(estimate_pixel_text_tokens(load_image(image)), "pixels"), None
+        elif text_tokens is not None:
+            estimate, margin = TextEstimate(int(text_tokens), source), 1.0
+        else:
+            raise ValueError("choose_mode needs text_tokens or an image")
+        vision = {
+            name: processor.num_image_tokens(*(sizes or {}).get(name, (width, height)))
+            for name, processor in self.mode_processors().items()
+        }
+        margin = PIXEL_CALIBRATION.decision_margin if margin is None else margin
+        return choose_mode(estimate, vision, self.max_compression, margin)
+
+    def _preprocess_auto(self, images: list, text: Any, tokenizer: Any) -> BatchFeature:
+        texts = [text] * len(images) if text is None or isinstance(text, str) else list(text)
+        if len(texts) != len(images):
+            raise ValueError(f"{len(texts)} texts for {len(images)} images")
+        processors = self.mode_processors()
+        parts, choices = [], []
+        for index, (raw, page_text) in enumerate(zip(images, texts)):
+            image = load_image(raw, name=raw if isinstance(raw, (str, os.PathLike)) else f"image {index}")
+            if page_text is None:
+                choice = self.choose_mode(image.width, image.height, image=image)
+            else:
+                tokens, source = count_text_tokens(page_text, tokenizer)
+                choice = self.choose_mode(image.width, image.height, tokens, source)
+            choices.append(choice)
+            parts.append(processors[choice.mode].preprocess(image))
+        views = [view for part in parts for view in part["pixel_values"]]
+        tiles = [part["pixel_values_tiles"] for part in parts if "pixel_values_tiles" in part]
+        data: dict[str, Any] = {
+            "pixel_values": torch.stack(views) if len({tuple(v.shape) for v in views}) == 1 else views,
+            "tile_grids": [grid for part in parts for grid in part["tile_grids"]],
+            "num_image_tokens": [tokens for part in parts for tokens in part["num_image_tokens"]],
+            "modes": [choice.mode for choice in choices],
+            "text_tokens_estimate": [choice.text_tokens for choice in choices],
+            "estimate_source": [choice.source for choice in choices],
+            "compression": [round(choice.compression, 3) for choice in choices],
+            "fits": [choice.fits for choice in choices],
+        }
+        if tiles:
+            data["pixel_values_tiles"] = torch.cat(tiles)
+        skip = set(data) - {"pixel_values", "pixel_values_tiles"}
+        return BatchFeature(data=data, skip_tensor_conversion=skip)

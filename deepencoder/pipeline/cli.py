@@ -7,17 +7,21 @@ process takes the GPU of its LOCAL_RANK (or the CPU) and joins a process group (
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 from PIL import Image
 
+from ..configuration_deepencoder_v2 import DeepEncoderV2Config
 from ..conversion.cli import add_hub_options, hub_options
 from ..dtypes import DTYPE_NAMES, parse_dtype
-from ..image_processing_deepencoder import RESOLUTION_MODES, DeepEncoderImageProcessor
-from .runner import FEATURES, EncodeOptions, encode
-from .weights import DEFAULT_WEIGHTS, RANDOM, WeightsError, load_model
+from ..image_processing_deepencoder import AUTO, RESOLUTION_MODES, DeepEncoderImageProcessor
+from .plan import V2_AUTO_MODES, add_auto_options, auto_processor
+from .runner import FEATURES, EncodeOptions, encode, tower_name
+from .weights import DEFAULT_WEIGHTS, RANDOM, WeightsError, is_save_pretrained_dir, load_model
 from .writer import OutputLocked
 
 
@@ -45,7 +49,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_hub_options(parser.add_argument_group("hub (for a --weights hub id; as from_pretrained takes them)"))
     parser.add_argument("--config", help="config.json (or its directory) for --weights random; default: real size")
     parser.add_argument("--seed", type=int, default=0, help="seed of --weights random (the same in every process)")
-    parser.add_argument("--mode", default="gundam", choices=list(RESOLUTION_MODES), help="resolution mode")
+    parser.add_argument(
+        "--mode",
+        default="gundam",
+        choices=[*RESOLUTION_MODES, AUTO],
+        help="resolution mode; auto: per page the cheapest mode that keeps its text readable (see --max-compression)",
+    )
     parser.add_argument("--base-size", type=int, help="override the mode's global view size (multiple of 64)")
     parser.add_argument("--tile-size", type=int, help="override the mode's tile size (multiple of 64)")
     parser.add_argument(
@@ -88,8 +97,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="1",
         help="tower actors: N, or MIN-MAX to autoscale (default 1; one per GPU is the usual choice)",
     )
+    add_auto_options(parser)
     parser.add_argument("--sleep-per-batch", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.set_defaults(func=run_encode)
+
+
+def _processor(args: argparse.Namespace, v2: bool) -> DeepEncoderImageProcessor:
+    """The run's processor; `--mode auto` without `--auto-modes` allows the tower's modes (V2: ocr2-base, ocr2)."""
+    if args.mode == AUTO:
+        if args.base_size is not None or args.tile_size is not None:
+            raise ValueError("--mode auto takes no --base-size / --tile-size (each mode keeps its sizes)")
+        return auto_processor(args, V2_AUTO_MODES) if v2 else auto_processor(args)
+    if args.auto_modes or args.tokenizer:
+        raise ValueError("--auto-modes and --tokenizer apply to --mode auto")
+    return DeepEncoderImageProcessor(mode=args.mode, base_size=args.base_size, tile_size=args.tile_size)
+
+
+def _tower_mode(args: argparse.Namespace) -> str:
+    """The mode that tells `load_model` which tower `--weights random` builds (auto: its allowed modes')."""
+    if args.mode != AUTO:
+        return args.mode
+    return args.auto_modes.split(",")[-1].strip() if args.auto_modes else "gundam"
+
+
+def _weights_are_v2(args: argparse.Namespace) -> bool:
+    """Whether --weights / --config name a DeepEncoder V2 tower, read without loading it (the Ray driver)."""
+    for path in (args.config, args.weights):
+        if path and path != RANDOM and is_save_pretrained_dir(path):
+            return DeepEncoderV2Config.model_type == json.loads((Path(path) / "config.json").read_text())["model_type"]
+        if path and Path(path).is_file() and path.endswith(".json"):
+            return DeepEncoderV2Config.model_type == json.loads(Path(path).read_text()).get("model_type")
+    return False
 
 
 def _init_distributed() -> tuple[int, int, int]:
@@ -123,6 +161,7 @@ def _options(args: argparse.Namespace) -> EncodeOptions:
         preview_dir=args.preview,
         progress=not args.no_progress,
         sleep_per_batch=args.sleep_per_batch,
+        tokenizer=args.tokenizer,
     )
     limit = args.max_image_pixels
     if limit is not None:  # also Pillow's own process-wide guard, which fires at open time above twice the limit
@@ -157,7 +196,11 @@ def run_ray(args: argparse.Namespace) -> int:
     from .ray import encode_dataset
 
     say = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
-    processor = DeepEncoderImageProcessor(mode=args.mode, base_size=args.base_size, tile_size=args.tile_size)
+    try:
+        processor = _processor(args, _weights_are_v2(args))
+    except ValueError as error:
+        say(f"error: {error}")
+        return 2
     options = _options(args)
     if args.weights == RANDOM:
         banner = "!" * 100
@@ -205,7 +248,7 @@ def run_encode(args: argparse.Namespace) -> int:
     try:
         try:
             model, description = load_model(
-                args.weights, args.config, seed=args.seed, mode=args.mode, hub=hub_options(args)
+                args.weights, args.config, seed=args.seed, mode=_tower_mode(args), hub=hub_options(args)
             )
         except WeightsError as error:
             print(f"error: {error}", file=sys.stderr)
@@ -217,7 +260,11 @@ def run_encode(args: argparse.Namespace) -> int:
             say(f"weights: {description}")
         device = _device(args.device, local_rank)
         model = model.to(device=device, dtype=parse_dtype(args.compute_dtype))
-        processor = DeepEncoderImageProcessor(mode=args.mode, base_size=args.base_size, tile_size=args.tile_size)
+        try:
+            processor = _processor(args, tower_name(model) == DeepEncoderV2Config.model_type)
+        except ValueError as error:
+            say(f"error: {error}")
+            return 2
         options = _options(args)
         world = f", {world_size} processes" if world_size > 1 else ""
         say(f"mode {args.mode}, {args.features} features as {args.dtype}, device {device}{world} -> {args.out}")

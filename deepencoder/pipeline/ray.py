@@ -38,6 +38,7 @@ from ..conversion.hub import HubOptions
 from ..dtypes import parse_dtype
 from ..image_processing_deepencoder import DeepEncoderImageProcessor
 from . import writer
+from .auto_mode import concrete_mode
 from .runner import (
     EncodeOptions,
     EncodeResult,
@@ -48,7 +49,7 @@ from .runner import (
     resolve_options,
     tower_name,
 )
-from .sources import Document, PageReader, discover
+from .sources import Document, discover
 
 
 def _require_ray():
@@ -109,7 +110,7 @@ def _prepare(batch: dict[str, np.ndarray], work: PageWork) -> dict[str, np.ndarr
     """Pages -> tensors (or error rows). One page reader per batch: a PDF is opened (or fetched) once per batch."""
     _pillow_limit(work)
     items = _unpack(batch)
-    reader = PageReader(work.render)
+    reader = work.page_reader()
     try:
         for item in items:
             if item.kind != "page":
@@ -222,6 +223,7 @@ class _Driver:
             if row["status"] == "ok":
                 self.result.pages_ok += 1
                 self.result.tokens += row["tokens"]
+                self.result.add_auto_row(row)
                 self.ok_rows.add((row["output"], row["key"]))
             else:
                 self.result.pages_error += 1
@@ -284,7 +286,9 @@ def encode_dataset(
     loader = (
         weights
         if callable(weights)
-        else _ModelLoader(os.fspath(weights), config and os.fspath(config), seed, mode=processor.mode, hub=hub)
+        else _ModelLoader(
+            os.fspath(weights), config and os.fspath(config), seed, mode=concrete_mode(processor), hub=hub
+        )
     )
     dtype = str(parse_dtype(compute_dtype)).removeprefix("torch.")
     started_ray = False

@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from ..image_processing_deepencoder import DeepEncoderImageProcessor, PagePlan
+from ..image_processing_auto_mode import ModeChoice
+from ..image_processing_deepencoder import AUTO, DeepEncoderImageProcessor, PagePlan
 from . import writer
+from .auto_mode import AutoModeReader, AutoModeSummary, concrete_mode
 from .sources import (
     Document,
     PageError,
@@ -49,6 +51,7 @@ class EncodeOptions:
     preview_dir: write `<document>/page.<i>.png` previews there.
     progress: progress bars; sleep_per_batch: seconds slept after each batch (to watch or interrupt a run).
     lock_stale_after: seconds without a heartbeat after which another run's lock on the output folder is stale.
+    tokenizer: `mode="auto"`: a local transformers tokenizer directory counting text-layer pages exactly.
     """
 
     features: str = "projected"
@@ -64,6 +67,7 @@ class EncodeOptions:
     progress: bool = True
     sleep_per_batch: float = 0.0
     lock_stale_after: float = 300.0
+    tokenizer: str | os.PathLike | None = None
 
 
 @dataclass
@@ -79,6 +83,13 @@ class EncodeResult:
     tokens: int = 0
     seconds: float = 0.0
     errors: list[dict] = field(default_factory=list)
+    auto: AutoModeSummary | None = None  # `mode="auto"` runs: vision tokens by chosen mode
+
+    def add_auto_row(self, row: dict) -> None:
+        """Count an ok row of a `mode="auto"` run into `auto` (other rows carry no choice)."""
+        if "estimate_source" in row:
+            self.auto = self.auto or AutoModeSummary()
+            self.auto.add(row)
 
     @property
     def ok(self) -> bool:
@@ -102,6 +113,8 @@ class EncodeResult:
             lines.append(f"  error: {row['source']}{page}: {row['error']}")
         if len(self.errors) > 20:
             lines.append(f"  ... and {len(self.errors) - 20} more error rows in the manifest")
+        if self.auto is not None:
+            lines += self.auto.lines()
         return "\n".join(lines)
 
 
@@ -126,6 +139,7 @@ class PageInput:
     pixel_values: torch.Tensor  # (3, H, W) global view
     tiles: torch.Tensor | None  # (n, 3, t, t)
     seconds: float
+    choice: ModeChoice | None = None  # `mode="auto"`: the page's mode (`plan` is that mode's)
 
 
 @dataclass
@@ -186,7 +200,9 @@ class PageWork:
         self.tower = tower
         self.render = RenderOptions(
             dpi=options.dpi,
-            target_long_side=default_long_side(processor.resolution),
+            target_long_side=default_long_side(
+                processor.resolution if processor.mode != AUTO else concrete_mode(processor)
+            ),
             max_image_pixels=options.max_image_pixels,
             max_aspect=options.max_aspect,
         )
@@ -220,6 +236,12 @@ class PageWork:
         return self.row(document, index, error=message, seconds=None if seconds is None else round(seconds, 4))
 
     # ------------------------------------------------------------------ documents and pages
+    def page_reader(self) -> PageReader | AutoModeReader:
+        """What reads this run's pages: `mode="auto"` reads each page at its chosen mode's size."""
+        if self.processor.mode == AUTO:
+            return AutoModeReader(self.processor, self.render, self.options.tokenizer)
+        return PageReader(self.render)
+
     def start_document(self, folder: writer.Folder, document: Document) -> DocStart:
         """Merge parts a killed run left, read the rows stored with pages already written, decide which remain."""
         final = document.output
@@ -244,11 +266,15 @@ class PageWork:
         todo = [i for i in wanted if i not in done]
         return DocStart(document, todo, len(wanted) - len(todo), done_rows)
 
-    def prepare(self, reader: PageReader, document: Document, index: int) -> PageInput | PageFailure:
+    def prepare(self, reader: PageReader | AutoModeReader, document: Document, index: int) -> PageInput | PageFailure:
         start = time.perf_counter()
         try:
-            processor = self.processor
-            image = reader.read(document, index)
+            processor, choice = self.processor, None
+            if isinstance(reader, AutoModeReader):
+                page = reader.read(document, index)
+                image, processor, choice = page.image, page.processor, page.choice
+            else:
+                image = reader.read(document, index)
             plan = processor.plan(image.width, image.height)
             pixel_values = processor.to_tensor(processor.global_view(image, plan))
             tiles = processor.tiles(image, plan)
@@ -259,7 +285,8 @@ class PageWork:
                 from .preview import write_preview
 
                 write_preview(Path(self.preview_dir) / document.name / f"page.{index}.png", image, plan, processor)
-            return PageInput(document, index, plan, image.size, pixel_values, tile_tensor, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            return PageInput(document, index, plan, image.size, pixel_values, tile_tensor, seconds, choice)
         except Exception as error:  # noqa: BLE001 - bad input never stops the run
             return PageFailure(document, index, _error_text(error), time.perf_counter() - start)
 
@@ -318,6 +345,7 @@ class PageWork:
                 size=list(item.size),
                 dim=int(tensor.shape[1]),
                 seconds=round(item.seconds + share, 4),
+                **(item.choice.row_fields() if item.choice is not None else {}),
             )
             results.append((item, tensor, row))
         return results
@@ -335,7 +363,7 @@ class _Encoder:
         self.options = work.options
         self.folder = folder
         self.rank, self.world_size = rank, world_size
-        self.reader = PageReader(work.render)
+        self.reader = work.page_reader()
         self.manifest = writer.ManifestWriter(folder, None if world_size == 1 else rank)
         self.result = EncodeResult(out_dir=folder.display())
         self.remaining: dict[str, int] = {}
@@ -385,6 +413,7 @@ class _Encoder:
         for row in rows:
             self.result.pages_ok += 1
             self.result.tokens += row["tokens"]
+            self.result.add_auto_row(row)
         for item in batch:
             self._finish_page(item.document)
         bar.update(len(batch))
@@ -475,6 +504,13 @@ def _gather(result: EncodeResult, world_size: int) -> EncodeResult:
     torch.distributed.all_reduce(seconds, op=torch.distributed.ReduceOp.MAX)
     errors: list = [None] * world_size
     torch.distributed.all_gather_object(errors, result.errors)
+    autos: list = [None] * world_size
+    torch.distributed.all_gather_object(autos, result.auto)
+    auto = None
+    for part in autos:
+        if part is not None:
+            auto = auto or AutoModeSummary()
+            auto.merge(part)
     documents, ok, error, skipped, tokens = (int(v) for v in counts.tolist())
     return EncodeResult(
         out_dir=result.out_dir,
@@ -485,6 +521,7 @@ def _gather(result: EncodeResult, world_size: int) -> EncodeResult:
         tokens=tokens,
         seconds=float(seconds.item()),
         errors=[row for part in errors for row in part],
+        auto=auto,
     )
 
 
