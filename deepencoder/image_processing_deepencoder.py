@@ -155,6 +155,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def image_to_uint8(image: Image.Image) -> torch.Tensor:
+    """RGB PIL -> (3, H, W) uint8 tensor, contiguous (channels first)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
+
+
+def images_to_uint8(images: Sequence[Image.Image]) -> torch.Tensor:
+    """Same-size RGB PIL images -> (n, 3, H, W) uint8 tensor, contiguous."""
+    stacked = np.stack([np.asarray(image, dtype=np.uint8) for image in images])
+    return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
+
+
 @dataclass(frozen=True)
 class PagePlan:
     """What the processor decided for one page. global_size: (width, height) of the global view in pixels;
@@ -290,10 +301,17 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL -> (3, H, W) float32, (x / 255 - mean) / std."""
-        array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255.0)
-        mean = torch.tensor(self.image_mean).view(3, 1, 1)
-        std = torch.tensor(self.image_std).view(3, 1, 1)
-        return (array - mean) / std
+        return self.normalize(image_to_uint8(image))
+
+    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """uint8 pixels (..., 3, H, W), on any device -> (x / 255 - mean) / std computed in float32 on that device
+        (the same operations as `to_tensor`, so the values are bit-identical), then cast to `dtype` if given.
+        Pipelines move pages as uint8 (a quarter of the bytes) and normalise after the copy to the device."""
+        out = pixels.to(torch.float32, copy=True)  # in place from here: one buffer, not one per operation
+        out.div_(255.0)
+        out.sub_(torch.tensor(self.image_mean, device=pixels.device).view(3, 1, 1))
+        out.div_(torch.tensor(self.image_std, device=pixels.device).view(3, 1, 1))
+        return out if dtype is None or dtype == out.dtype else out.to(dtype)
 
     def preprocess(
         self,

@@ -11,16 +11,16 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image
 
 from ..image_processing_auto_mode import ModeChoice
-from ..image_processing_deepencoder import AUTO, DeepEncoderImageProcessor, PagePlan
+from ..image_processing_deepencoder import AUTO, DeepEncoderImageProcessor, PagePlan, image_to_uint8, images_to_uint8
 from . import writer
 from .auto_mode import AutoModeReader, AutoModeSummary, concrete_mode
+from .producer import START_METHODS, PageProducer, PageTask
 from .sources import (
     Document,
     PageError,
@@ -44,8 +44,12 @@ class EncodeOptions:
         (the 2048-d CLIP+SAM join, (tiles*t*t + h*w, 2048), no newline / separator tokens).
     dtype: dtype of the stored tensors (the model computes in its own dtype).
     batch_size: pages per forward; all their global views run as one batch, all their tiles as another.
-    workers: threads decoding / rendering / preprocessing pages; prefetch: pages decoded ahead of the model
-        (the bounded queue; default 2 * batch_size + workers).
+    workers: processes decoding / rendering / preprocessing pages (`producer`; 0: a thread of this process);
+        prefetch: pages handed to the workers ahead of the model (default 2 * batch_size).
+    worker_start: how worker processes start: auto (fork on Linux before any CUDA context, else forkserver /
+        spawn), fork, forkserver, spawn.
+    threads: intra-op threads of the forward on the CPU during the run (default: the cores the workers leave, at
+        least 1; the previous setting is restored afterwards). Ignored on accelerators.
     pages: 0-based page ranges applied to every multi-page document, e.g. `0-2,5,9-`.
     dpi, max_image_pixels, max_aspect: see `RenderOptions` (dpi None: long side fitted to the mode).
     preview_dir: write `<document>/page.<i>.png` previews there.
@@ -59,6 +63,8 @@ class EncodeOptions:
     batch_size: int = 8
     workers: int = 2
     prefetch: int | None = None
+    worker_start: str = "auto"
+    threads: int | None = None
     pages: str | None = None
     dpi: float | None = None
     max_image_pixels: int | None = Image.MAX_IMAGE_PIXELS
@@ -136,8 +142,8 @@ class PageInput:
     index: int
     plan: PagePlan
     size: tuple[int, int]
-    pixel_values: torch.Tensor  # (3, H, W) global view
-    tiles: torch.Tensor | None  # (n, 3, t, t)
+    pixel_values: torch.Tensor  # (3, H, W) uint8 global view (normalised on the device, `PageWork.forward`)
+    tiles: torch.Tensor | None  # (n, 3, t, t) uint8
     seconds: float
     choice: ModeChoice | None = None  # `mode="auto"`: the page's mode (`plan` is that mode's)
 
@@ -195,6 +201,8 @@ class PageWork:
     def __init__(self, processor: DeepEncoderImageProcessor, options: EncodeOptions, tower: str | None = None):
         if options.features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, got {options.features!r}")
+        if options.worker_start not in START_METHODS:
+            raise ValueError(f"worker_start must be one of {START_METHODS}, got {options.worker_start!r}")
         self.processor = processor
         self.options = options
         self.tower = tower
@@ -207,6 +215,7 @@ class PageWork:
             max_aspect=options.max_aspect,
         )
         self.ranges = parse_page_ranges(options.pages)
+        self.batch_limit = max(1, options.batch_size)  # pages per forward; halved on out of memory
         self.preview_dir = os.fspath(options.preview_dir) if options.preview_dir else None
 
     # ------------------------------------------------------------------ rows
@@ -276,9 +285,9 @@ class PageWork:
             else:
                 image = reader.read(document, index)
             plan = processor.plan(image.width, image.height)
-            pixel_values = processor.to_tensor(processor.global_view(image, plan))
+            pixel_values = image_to_uint8(processor.global_view(image, plan))
             tiles = processor.tiles(image, plan)
-            tile_tensor = torch.stack([processor.to_tensor(t) for t in tiles]) if tiles else None
+            tile_tensor = images_to_uint8(tiles) if tiles else None
             if self.preview_dir is not None:
                 from pathlib import Path
 
@@ -291,16 +300,41 @@ class PageWork:
             return PageFailure(document, index, _error_text(error), time.perf_counter() - start)
 
     # ------------------------------------------------------------------ tower
-    def forward(self, model: torch.nn.Module, batch: list[PageInput]) -> list[torch.Tensor]:
-        parameter = next(model.parameters())
-        device, dtype = parameter.device, parameter.dtype
+    def in_worker(self) -> None:
+        """Set up a page worker process: Pillow's process-wide decompression-bomb limit follows the run's (the CLI
+        sets it in its own process; a spawned worker starts from Pillow's default)."""
+        Image.MAX_IMAGE_PIXELS = self.options.max_image_pixels
+
+    def upload(
+        self, batch: list[PageInput], device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]:
+        """The batch's uint8 views -> (global views, tiles) on the device, normalised there in float32 and cast to
+        `dtype`: pages cross to the device as uint8 (from pinned memory, without blocking, on CUDA)."""
+        pinned = device.type == "cuda"
+
+        def move(pixels: torch.Tensor) -> torch.Tensor:
+            if pinned:
+                pixels = pixels.pin_memory()
+            return self.processor.normalize(pixels.to(device, non_blocking=pinned), dtype)
+
         globals_ = [item.pixel_values for item in batch]
         if len({tuple(g.shape) for g in globals_}) == 1:
-            pixel_values = torch.stack(globals_).to(device, dtype)
+            pixel_values: torch.Tensor | list[torch.Tensor] = move(torch.stack(globals_))
         else:
-            pixel_values = [g.to(device, dtype) for g in globals_]
+            pixel_values = [move(g.contiguous()) for g in globals_]
         tiles = [item.tiles for item in batch if item.tiles is not None]
-        pixel_values_tiles = torch.cat(tiles).to(device, dtype) if tiles else None
+        return pixel_values, move(torch.cat(tiles)) if tiles else None
+
+    def fetch(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-page outputs on the device -> on the CPU in the stored dtype, with one copy for the whole batch."""
+        if not features:
+            return []
+        lengths = [int(f.shape[0]) for f in features]
+        return list(torch.cat(features).to("cpu", self.options.dtype).split(lengths))
+
+    def forward(self, model: torch.nn.Module, batch: list[PageInput]) -> list[torch.Tensor]:
+        parameter = next(model.parameters())
+        pixel_values, pixel_values_tiles = self.upload(batch, parameter.device, parameter.dtype)
         grids = [item.plan.tile_grid if item.plan.num_tiles else (1, 1) for item in batch]
         pre = self.options.features == "pre-projector"
         with torch.inference_mode():
@@ -310,17 +344,34 @@ class PageWork:
                 tile_grids=grids,
                 output_pre_projector=pre,
             )
-        features = out.pre_projector if pre else out.image_embeds
-        return [f.to("cpu", self.options.dtype) for f in features]
+        return self.fetch(out.pre_projector if pre else out.image_embeds)
 
     def encode_batch(
         self, model: torch.nn.Module, batch: list[PageInput]
     ) -> list[tuple[PageInput, torch.Tensor | None, dict]]:
-        """(page, tensor, ok row) or (page, None, error row) for every page of the batch, in order."""
+        """(page, tensor, ok row) or (page, None, error row) for every page of the batch, in order.
+
+        A failing batch is retried page by page. Out of memory: the device's cache is freed, the batch is run in
+        halves and `batch_limit` (the size later batches get) halved, with a warning. A sticky device error (a
+        CUDA context that no longer works) raises `DeviceFailed` at once."""
         start = time.perf_counter()
         try:
             features = self.forward(model, batch)
         except Exception as error:  # noqa: BLE001 - one bad batch must not stop the run
+            if is_device_failure(error):
+                raise DeviceFailed(
+                    f"the device failed and cannot go on ({type(error).__name__}: {str(error).strip()}); the run "
+                    "stopped, every page written so far is kept: run the same command again to resume"
+                ) from error
+            if is_out_of_memory(error):
+                free_device_cache(model)
+                if len(batch) > 1:
+                    half = (len(batch) + 1) // 2
+                    if half < self.batch_limit:
+                        self.batch_limit = half
+                        print(f"warning: out of memory on a batch of {len(batch)} pages; device cache freed, "
+                              f"batches are now of {half} pages", file=sys.stderr)  # fmt: skip
+                    return self.encode_batch(model, batch[:half]) + self.encode_batch(model, batch[half:])
             if len(batch) > 1:
                 return [result for item in batch for result in self.encode_batch(model, [item])]
             item = batch[0]
@@ -351,9 +402,102 @@ class PageWork:
         return results
 
 
+class DeviceFailed(RuntimeError):
+    """The accelerator hit an error that leaves its context unusable (device-side assert, illegal address, ...):
+    the run stops with this message; what was written is whole and a rerun resumes."""
+
+
+# substrings of the errors after which a CUDA context is unusable (every later call fails the same way)
+_STICKY_DEVICE_ERRORS = (
+    "device-side assert",
+    "illegal memory access",
+    "illegal address",
+    "illegal instruction",
+    "misaligned address",
+    "unspecified launch failure",
+    "an uncorrectable ecc error",
+    "cudaerrorlaunchfailure",
+    "cuda error: unknown error",
+)
+
+
+def is_device_failure(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(marker in text for marker in _STICKY_DEVICE_ERRORS)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_device_cache(model: torch.nn.Module) -> None:
+    """Return the caching allocator's free blocks of the model's device (CUDA / XPU / MPS; nothing on the CPU)."""
+    device = next(model.parameters()).device
+    backend = getattr(torch, device.type, None)
+    empty_cache = getattr(backend, "empty_cache", None) if device.type != "cpu" else None
+    if empty_cache is not None:
+        empty_cache()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+class _Writer:
+    """Writes off the encode loop: the loop hands over one item per batch (a bounded queue, so a slow disk holds
+    the loop back instead of filling memory) and this thread writes the batch's parts, appends its rows to the
+    manifest (one fsync per file) and merges finished documents, in the order the items were handed over. An error
+    here (a full disk) is raised in the loop at its next handoff, or at `close`."""
+
+    def __init__(self, handle, depth: int = 2) -> None:
+        self.handle = handle
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="deepencoder-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, kind: str, payload) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((kind, payload))
+
+    def drain(self) -> None:
+        """Wait until everything handed over is written."""
+        self.queue.join()
+        if self.error is not None:
+            raise self.error
+
+    def _loop(self) -> None:
+        while True:
+            kind, payload = self.queue.get()
+            try:
+                if kind == "stop":
+                    return
+                if self.error is None:
+                    self.handle(kind, payload)
+            except BaseException as error:  # noqa: BLE001 - surfaced in the loop
+                self.error = error
+            finally:
+                self.queue.task_done()
+
+    def close(self) -> None:
+        """Write everything handed over, then stop; raises the writer's error if it had one."""
+        self.queue.put(("stop", None))
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class _Encoder:
-    """The local engine: a feeder thread lists documents and submits pages to a thread pool through a bounded
-    queue; the main thread batches prepared pages through the tower and writes."""
+    """The local engine: a feeder thread lists documents and streams their pages through page worker processes
+    (`producer`; in the feeder thread itself with `workers=0`) into a bounded queue; the main thread batches the
+    prepared pages through the tower; a writer thread writes the results."""
 
     def __init__(
         self, model: torch.nn.Module, work: PageWork, folder: writer.Folder, rank: int, world_size: int
@@ -363,68 +507,113 @@ class _Encoder:
         self.options = work.options
         self.folder = folder
         self.rank, self.world_size = rank, world_size
-        self.reader = work.page_reader()
+        self.reader = work.page_reader() if work.options.workers <= 0 else None
         self.manifest = writer.ManifestWriter(folder, None if world_size == 1 else rank)
         self.result = EncodeResult(out_dir=folder.display())
         self.remaining: dict[str, int] = {}
         self.ok_rows: set[tuple[str, str]] = set()
+        self.crashes: list[str] = []
 
-    def _error(self, row: dict) -> None:
-        self.manifest.append([row])
-        self.result.pages_error += 1
-        self.result.errors.append(row)
-
-    # ------------------------------------------------------------------ producer side (threads)
-    def _feed(self, documents: list[Document], items: queue.Queue, pool: ThreadPoolExecutor, stop: threading.Event):
-        try:
+    # ------------------------------------------------------------------ producer side (feeder thread)
+    def _feed(self, documents: list[Document], items: queue.Queue, stop: threading.Event) -> None:
+        def tasks():
             for document in documents:
                 if stop.is_set():
                     return
                 start = self.work.start_document(self.folder, document)
-                items.put(start)
+                yield start
                 for index in start.todo:
+                    yield PageTask(document, index)
+
+        producer = None
+        try:
+            if self.reader is not None:
+                for task in tasks():
                     if stop.is_set():
                         return
-                    items.put(pool.submit(self.work.prepare, self.reader, document, index))
+                    items.put(self.work.prepare(self.reader, task.document, task.index)
+                              if isinstance(task, PageTask) else task)  # fmt: skip
+                return
+            depth = max(1, (self.options.prefetch or 2 * self.options.batch_size) // self.options.workers)
+            producer = PageProducer(self.work, self.options.workers, depth, self.options.worker_start)
+            failure = lambda task, message: PageFailure(task.document, task.index, message, 0.0)  # noqa: E731
+            for _, result in producer.run(tasks(), failure):
+                if stop.is_set():
+                    return
+                items.put(result)
         except BaseException as error:  # surfaced by the consumer
             items.put(error)
         finally:
+            if producer is not None:
+                self.crashes = producer.crashes
+                producer.close(abort=stop.is_set())
             items.put(_END)
 
-    # ------------------------------------------------------------------ consumer side (main thread)
-    def _finish_page(self, document: Document) -> None:
-        self.remaining[document.name] -= 1
-        if self.remaining[document.name] == 0:
-            self._finish_document(document)
+    # ------------------------------------------------------------------ writer side (writer thread)
+    def _write(self, kind: str, payload) -> None:
+        if kind == "rows":
+            self.manifest.append(payload)
+        elif kind == "error":
+            self.manifest.append([payload])
+            self.result.pages_error += 1
+            self.result.errors.append(payload)
+            self.bar.update(1 if payload.get("page") is not None else 0)
+        elif kind == "batch":
+            self._write_batch(payload)
+        elif kind == "finish":
+            writer.merge_document(self.folder, payload.name)
 
-    def _finish_document(self, document: Document) -> None:
-        writer.merge_document(self.folder, document.name)
-        self.reader.release(document)
-
-    def _run_batch(self, batch: list[PageInput], bar) -> None:
-        rows = []
-        for item, tensor, row in self.work.encode_batch(self.model, batch):
-            if tensor is None:
-                self._error(row)
-                continue
-            writer.write_part(self.folder, item.document.name, row["key"], tensor, row)
-            rows.append(row)
+    def _write_batch(self, results: list[tuple[PageInput, torch.Tensor | None, dict]]) -> None:
+        by_document: dict[str, list] = {}
+        for item, tensor, row in results:
+            if tensor is not None:
+                by_document.setdefault(item.document.name, []).append((row["key"], tensor, row))
+        for name, pages in by_document.items():
+            writer.write_pages(self.folder, name, pages)
+        rows = [row for *_, row in results]
         self.manifest.append(rows)  # rows only after their parts exist under their final names
-        for row in rows:
+        for _, tensor, row in results:
+            if tensor is None:
+                self.result.pages_error += 1
+                self.result.errors.append(row)
+                continue
             self.result.pages_ok += 1
             self.result.tokens += row["tokens"]
             self.result.add_auto_row(row)
-        for item in batch:
-            self._finish_page(item.document)
-        bar.update(len(batch))
+        self.bar.update(len(results))
         elapsed = time.perf_counter() - self.started
-        bar.set_postfix_str(
+        self.bar.set_postfix_str(
             f"{self.result.pages_ok / elapsed:.2f} pages/s, {self.result.tokens / elapsed:.0f} tokens/s, "
             f"{self.result.pages_error} errors",
             refresh=False,
         )
+
+    # ------------------------------------------------------------------ consumer side (main thread)
+    def _finish_page(self, document: Document, out: _Writer) -> None:
+        self.remaining[document.name] -= 1
+        if self.remaining[document.name] == 0:
+            self._finish_document(document, out)
+
+    def _finish_document(self, document: Document, out: _Writer) -> None:
+        out.put("finish", document)
+        if self.reader is not None:
+            self.reader.release(document)
+
+    def _run_batch(self, batch: list[PageInput], out: _Writer) -> None:
+        out.put("batch", self.work.encode_batch(self.model, batch))
+        for item in batch:
+            self._finish_page(item.document, out)
         if self.options.sleep_per_batch:
+            out.drain()  # the pause comes after the batch is on disk (tests act at that point)
             pause(self.options.sleep_per_batch)
+
+    def _threads(self) -> int | None:
+        """Intra-op threads of the forward on the CPU: `options.threads`, or the cores the page workers leave."""
+        if next(self.model.parameters()).device.type != "cpu":
+            return None
+        if self.options.threads:
+            return self.options.threads
+        return max(1, _cores() - max(0, self.options.workers))
 
     def run(self, documents: list[Document]) -> EncodeResult:
         from tqdm.auto import tqdm
@@ -434,15 +623,17 @@ class _Encoder:
         self.ok_rows = {
             (row.get("output"), row.get("key")) for row in writer.all_rows(self.folder) if row.get("status") == "ok"
         }
-        prefetch = options.prefetch or 2 * options.batch_size + options.workers
-        items: queue.Queue = queue.Queue(maxsize=max(1, prefetch))
+        items: queue.Queue = queue.Queue(maxsize=max(1, options.batch_size))
         stop = threading.Event()
         desc = "encode" if self.world_size == 1 else f"encode rank {self.rank}/{self.world_size}"
-        bar = tqdm(total=0, unit="page", desc=desc, disable=not options.progress, dynamic_ncols=True)
+        self.bar = tqdm(total=0, unit="page", desc=desc, disable=not options.progress, dynamic_ncols=True)
         self.started = time.perf_counter()
-        pool = ThreadPoolExecutor(max_workers=max(1, options.workers), thread_name_prefix="deepencoder-page")
-        feeder = threading.Thread(target=self._feed, args=(documents, items, pool, stop), daemon=True)
+        threads, saved_threads = self._threads(), torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        feeder = threading.Thread(target=self._feed, args=(documents, items, stop), daemon=True)
         feeder.start()
+        out = _Writer(self._write)
         batch: list[PageInput] = []
         try:
             while True:
@@ -453,29 +644,27 @@ class _Encoder:
                     raise item
                 if isinstance(item, DocStart):
                     restored = [r for r in item.done_rows if (r.get("output"), r.get("key")) not in self.ok_rows]
-                    self.manifest.append(restored)
+                    out.put("rows", restored)
                     self.result.pages_skipped += item.skipped
                     if item.error is not None:
-                        self._error(self.work.error_row(item.document, None, item.error))
+                        out.put("error", self.work.error_row(item.document, None, item.error))
                         continue
                     self.remaining[item.document.name] = len(item.todo)
-                    bar.total += len(item.todo)
-                    bar.refresh()
+                    self.bar.total += len(item.todo)
+                    self.bar.refresh()
                     if not item.todo:
-                        self._finish_document(item.document)
+                        self._finish_document(item.document, out)
                     continue
-                page = item.result() if isinstance(item, Future) else item
-                if isinstance(page, PageFailure):
-                    self._error(self.work.error_row(page.document, page.index, page.error, page.seconds))
-                    self._finish_page(page.document)
-                    bar.update(1)
+                if isinstance(item, PageFailure):
+                    out.put("error", self.work.error_row(item.document, item.index, item.error, item.seconds))
+                    self._finish_page(item.document, out)
                     continue
-                batch.append(page)
-                if len(batch) >= options.batch_size:
-                    self._run_batch(batch, bar)
+                batch.append(item)
+                if len(batch) >= self.work.batch_limit:
+                    self._run_batch(batch, out)
                     batch = []
             if batch:
-                self._run_batch(batch, bar)
+                self._run_batch(batch, out)
         finally:
             stop.set()
             while feeder.is_alive():  # unblock a feeder waiting on a full queue
@@ -483,10 +672,17 @@ class _Encoder:
                     items.get_nowait()
                 except queue.Empty:
                     feeder.join(0.05)
-            pool.shutdown(wait=True, cancel_futures=True)
-            bar.close()
-            self.reader.close()
-            self.manifest.close()
+            try:
+                out.close()  # everything handed over is written whole, even when the loop stopped on an error
+            finally:
+                if threads:
+                    torch.set_num_threads(saved_threads)
+                self.bar.close()
+                if self.reader is not None:
+                    self.reader.close()
+                self.manifest.close()
+        for crash in self.crashes:
+            print(f"warning: {crash}", file=sys.stderr)
         self.result.seconds = time.perf_counter() - self.started
         return self.result
 

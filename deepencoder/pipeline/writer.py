@@ -6,11 +6,11 @@ Layout of the output folder:
     manifest.rank<r>[.<seq>].jsonl  manifest parts (per rank of a multi-process run; per batch on object stores),
                                     merged into manifest.jsonl at the end of the run
     <document name>.safetensors     a document's pages, tensor `page.<index>`; written whole, by rename / single put
-    .parts/<document name>/page.<index>.safetensors    pages finished but not yet merged into their document
+    .parts/<document name>/pages.<first>-<last>.safetensors   pages of a batch not yet merged into their document
     .lock                           the run writing into the folder (host, pid, start, heartbeat); see `OutputLock`
 
-How a document grows across batches: every finished page is first written on its own as a *part*, then its manifest
-row is appended. When the last page of the document in this run has finished, the document file is rebuilt as (its
+How a document grows across batches: the finished pages of a batch are first written as one *part* per document,
+then their manifest rows are appended (one fsync each). When the last page of the document in this run has finished, the document file is rebuilt as (its
 previous version, if any) + (all parts), written whole under its final name, and only then are the parts deleted.
 
 Atomic writes: on a local disk every file is written to a temp file, fsynced and renamed; on an object store it is
@@ -288,6 +288,16 @@ def write_part(folder: Folder, document_name: str, key: str, tensor: torch.Tenso
     same page again (a retried task) replaces the part whole."""
     relative = f"{_parts_dir(document_name)}/{key}.safetensors"
     write_safetensors(folder, relative, [(key, (tensor.dtype, tuple(tensor.shape), tensor))], {key: json.dumps(row)})
+    return relative
+
+
+def write_pages(folder: Folder, document_name: str, pages: list[tuple[str, torch.Tensor, dict]]) -> str:
+    """Finished pages of one document (`(key, tensor, row)`, e.g. those of one batch) -> one part file
+    `.parts/<document>/pages.<first>-<last>.safetensors` (one write, one fsync), each row in the metadata."""
+    indices = [key_index(key) for key, *_ in pages]
+    relative = f"{_parts_dir(document_name)}/pages.{min(indices)}-{max(indices)}.safetensors"
+    tensors = [(key, (tensor.dtype, tuple(tensor.shape), tensor)) for key, tensor, _ in pages]
+    write_safetensors(folder, relative, tensors, {key: json.dumps(row) for key, _, row in pages})
     return relative
 
 

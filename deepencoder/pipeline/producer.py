@@ -1,0 +1,244 @@
+"""Page workers: processes that decode / render and preprocess pages, streaming them to the encode loop in order.
+
+Each worker is a process with its own pdfium documents (pdfium is not thread-safe, so pages rendered by threads of one
+process take turns; processes render side by side), its own page reader and no torch intra-op pool. The main process
+hands out one page at a time (at most `depth` pages in flight per worker, so a 3,000-page PDF is never held whole) and
+gets back `PageInput` (uint8 pixels: a quarter of float32's bytes through the pipe) or `PageFailure`, which it yields
+in the order the pages were asked for: batches are the same whatever worker finished first.
+
+A worker that dies (a segfault in a decoder, the OOM killer) is replaced; the pages it held are asked again, one at a
+time. A page that was being prepared when its worker died twice becomes a `PageFailure` naming the crash: no page is
+lost and no bad page stops the run. Workers start with the `fork` method where the platform has it and no CUDA context
+exists yet in this process; otherwise with `forkserver` (or `spawn`): they never touch the accelerator either way.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+
+from .sources import Document
+
+START_METHODS = ("auto", "fork", "forkserver", "spawn")
+
+
+def start_method(name: str = "auto") -> str:
+    """`auto`: `fork` on Linux while no CUDA context exists in this process (fast; children never use CUDA),
+    else `forkserver` where available, else `spawn`."""
+    if name not in START_METHODS:
+        raise ValueError(f"worker start method must be one of {START_METHODS}, got {name!r}")
+    if name != "auto":
+        return name
+    methods = multiprocessing.get_all_start_methods()
+    if sys.platform.startswith("linux") and "fork" in methods and not _cuda_initialized():
+        return "fork"
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+@dataclass(frozen=True)
+class PageTask:
+    """One page to prepare."""
+
+    document: Document
+    index: int
+
+
+def _to_wire(result):
+    """Pixels as numpy arrays through the pipe (pickled as raw bytes: half the cost of a tensor's pickling)."""
+    if getattr(result, "pixel_values", None) is not None:
+        tiles = None if result.tiles is None else result.tiles.numpy()
+        result = replace(result, pixel_values=result.pixel_values.numpy(), tiles=tiles)
+    return result
+
+
+def _from_wire(result):
+    import torch
+
+    if getattr(result, "pixel_values", None) is not None:
+        tiles = None if result.tiles is None else torch.from_numpy(result.tiles)
+        result = replace(result, pixel_values=torch.from_numpy(result.pixel_values), tiles=tiles)
+    return result
+
+
+def _worker_main(conn, work_blob: bytes) -> None:
+    """A worker's loop: receive a task (None: stop), answer `(seq, PageInput | PageFailure)` pickled."""
+    import torch
+
+    torch.set_num_threads(1)  # pages are prepared one per process; the cores belong to the processes
+    work = pickle.loads(work_blob)
+    work.in_worker()
+    reader = work.page_reader()
+    open_documents: deque[Document] = deque()
+    try:
+        while True:
+            message = conn.recv()
+            if message is None:
+                return
+            key, task = message
+            if task.document not in open_documents:  # pdfium handles of the two latest documents stay open
+                open_documents.append(task.document)
+                if len(open_documents) > 2:
+                    reader.release(open_documents.popleft())
+            result = _to_wire(work.prepare(reader, task.document, task.index))
+            conn.send_bytes(pickle.dumps((key, result), protocol=pickle.HIGHEST_PROTOCOL))
+    except (EOFError, KeyboardInterrupt, BrokenPipeError):
+        return
+    finally:
+        reader.close()
+
+
+class _Worker:
+    def __init__(self, context, work_blob: bytes, number: int) -> None:
+        self.conn, child = context.Pipe(duplex=True)
+        self.process = context.Process(
+            target=_worker_main, args=(child, work_blob), name=f"deepencoder-page-{number}", daemon=True
+        )
+        self.process.start()
+        child.close()
+        self.tasks: deque[tuple[int, PageTask]] = deque()  # (key, task) sent, not yet answered, in the order sent
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
+
+    def join(self, timeout: float) -> None:
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+class PageProducer:
+    """`workers` page processes preparing pages for `work` (a `PageWork`; pickled to each worker).
+
+    `run(items, failure)` yields `(item, result)` in the order of `items`: for a `PageTask` the prepared page, for
+    anything else the item itself (markers such as a document's start travel in order with the pages).
+    `failure(task, message)` builds the result of a page whose worker died on it twice. Use as a context manager
+    (workers stop on exit)."""
+
+    def __init__(self, work, workers: int, depth: int = 2, method: str = "auto") -> None:
+        self.method = start_method(method)
+        self.context = multiprocessing.get_context(self.method)
+        self.work_blob = pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)
+        self.depth = max(1, depth)
+        self._started = 0
+        self.crashes: list[str] = []  # what happened, for the run's summary / warnings
+        self.workers = [self._start() for _ in range(max(1, workers))]
+
+    def _start(self) -> _Worker:
+        self._started += 1
+        return _Worker(self.context, self.work_blob, self._started)
+
+    def __enter__(self) -> PageProducer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self, abort: bool = False) -> None:
+        """Stop the workers: idle ones finish their loop; `abort` (the run stopped early) kills them at once."""
+        for worker in self.workers:
+            if abort:
+                worker.process.kill()
+            else:
+                worker.stop()
+        for worker in self.workers:
+            worker.join(5.0)
+        self.workers = []
+
+    def run(self, items: Iterable, failure: Callable[[PageTask, str], object]) -> Iterator[tuple]:
+        items = iter(items)
+        order: deque[tuple[int, object]] = deque()  # (key, item) handed out and not yet yielded, in order
+        done: dict[int, object] = {}
+        retry: deque[tuple[int, PageTask]] = deque()  # pages of a dead worker, asked again one at a time
+        suspects: dict[int, int] = {}  # key -> crashes while that page was the one being prepared
+        keys = iter(range(1 << 62))
+        exhausted = False
+        while True:
+            # hand out work: a retried page alone to an idle worker, else new pages up to `depth` per worker
+            for worker in self.workers:
+                if retry:
+                    if not worker.tasks:
+                        self._send(worker, retry.popleft())
+                    continue
+                while not exhausted and len(worker.tasks) < self.depth:
+                    item = next(items, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    key = next(keys)
+                    order.append((key, item))
+                    if isinstance(item, PageTask):
+                        self._send(worker, (key, item))
+                    else:
+                        done[key] = item
+            while order and order[0][0] in done:
+                key, item = order.popleft()
+                yield item, done.pop(key)
+            if not order and exhausted:
+                return
+            busy = [w for w in self.workers if w.tasks]
+            if not busy:
+                continue
+            ready = multiprocessing.connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            for worker in busy:
+                if worker.conn in ready:
+                    try:
+                        while worker.conn.poll():
+                            key, result = pickle.loads(worker.conn.recv_bytes())
+                            worker.tasks.popleft()
+                            done[key] = _from_wire(result)
+                    except (EOFError, OSError):
+                        pass  # died mid-answer: handled below with its sentinel
+                if worker.process.sentinel in ready or not worker.process.is_alive():
+                    worker.process.join()
+                    self._replace(worker, retry, suspects, done, failure)
+
+    def _send(self, worker: _Worker, message: tuple[int, PageTask]) -> None:
+        worker.tasks.append(message)
+        try:
+            worker.conn.send(message)
+        except (OSError, ValueError):
+            pass  # a dead worker: its sentinel is ready, its tasks are retried
+
+    def _replace(self, worker: _Worker, retry: deque, suspects: dict, done: dict, failure) -> None:
+        code = worker.process.exitcode
+        held = list(worker.tasks)
+        worker.tasks.clear()
+        worker.conn.close()
+        self.workers[self.workers.index(worker)] = self._start()
+        if not held:
+            return
+        (key, head), rest = held[0], held[1:]
+        suspects[key] = suspects.get(key, 0) + 1
+        what = f"page worker died (exit code {code}) while preparing {head.document.source} page {head.index}"
+        if suspects[key] >= 2:
+            done[key] = failure(head, f"{what}, twice; the page is skipped")
+            self.crashes.append(f"{what} again: page reported as an error")
+        else:
+            retry.append((key, head))
+            self.crashes.append(f"{what}: retried")
+        retry.extend(rest)
+
+
+def default_workers() -> int:
+    """Page processes worth starting here: the cores this process may use, less one for the encode loop."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
