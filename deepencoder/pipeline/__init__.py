@@ -11,7 +11,7 @@ Inputs and output folders may be fsspec URLs (`s3://...`, `file://...`). On a Ra
 """
 
 from .dataset import EncodedPages, load_manifest, manifest_generator, to_hf_dataset
-from .runner import FEATURES, EncodeOptions, EncodeResult, encode, shard, tower_name
+from .runner import FEATURES, DeviceFailed, EncodeOptions, EncodeResult, encode, shard, tower_name
 from .sources import Document, PageError, RenderOptions, default_long_side, discover, parse_page_ranges
 from .weights import DEFAULT_WEIGHTS, WeightsError, load_model
 from .writer import OutputLocked
@@ -19,6 +19,7 @@ from .writer import OutputLocked
 __all__ = [
     "DEFAULT_WEIGHTS",
     "FEATURES",
+    "DeviceFailed",
     "Document",
     "EncodeOptions",
     "EncodeResult",

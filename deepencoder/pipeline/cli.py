@@ -20,7 +20,7 @@ from ..conversion.cli import add_hub_options, hub_options
 from ..dtypes import DTYPE_NAMES, parse_dtype
 from ..image_processing_deepencoder import AUTO, RESOLUTION_MODES, DeepEncoderImageProcessor
 from .plan import V2_AUTO_MODES, add_auto_options, auto_processor
-from .runner import FEATURES, EncodeOptions, encode, tower_name
+from .runner import FEATURES, DeviceFailed, EncodeOptions, encode, tower_name
 from .weights import DEFAULT_WEIGHTS, RANDOM, WeightsError, is_save_pretrained_dir, load_model
 from .writer import OutputLocked
 
@@ -64,8 +64,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--compute-dtype", default="float32", choices=DTYPE_NAMES, help="dtype the tower runs in")
     parser.add_argument("--device", default="auto", help="auto (GPU of LOCAL_RANK if any, else CPU), cpu, cuda:0 ...")
     parser.add_argument("--batch-size", type=int, default=8, help="pages per forward pass")
-    parser.add_argument("--workers", type=int, default=2, help="threads decoding / rendering pages")
-    parser.add_argument("--prefetch", type=int, help="pages prepared ahead of the model (default 2*batch+workers)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="processes decoding / rendering pages (0: a thread of this process)"
+    )
+    parser.add_argument("--prefetch", type=int, help="pages handed to the workers ahead of the model (default 2*batch)")
     parser.add_argument("--pages", help="0-based page ranges of multi-page documents, e.g. 0-2,5,9-")
     parser.add_argument("--dpi", type=float, help="PDF render DPI (default: the page's long side fitted to the mode)")
     parser.add_argument(
@@ -273,6 +275,9 @@ def run_encode(args: argparse.Namespace) -> int:
         except OutputLocked as error:
             say(f"error: {error}")
             return 2
+        except DeviceFailed as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 3
         say(result.summary())
         if args.weights == RANDOM:
             say("(random weights: the tokens above are meaningless; pass --weights with a real checkpoint)")

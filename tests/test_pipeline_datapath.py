@@ -1,0 +1,232 @@
+"""The encode data path: uint8 pages normalised on the device (bit-identical to the float path), page worker
+processes (a crashed worker's page retried, then reported; spawn-safe), out-of-memory halving, a sticky device error
+stopping the run with everything written whole, and one part file per batch and document.
+
+Every test that starts processes runs the encode under `guarded`: a hang fails the test instead of stalling CI."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_model
+from pipeline_support import make_documents, make_pdf, processor, text_page
+from safetensors.torch import load_file
+
+from deepencoder.image_processing_deepencoder import image_to_uint8, images_to_uint8
+from deepencoder.pipeline import encode, runner, writer
+from deepencoder.pipeline.runner import DeviceFailed, PageWork
+from deepencoder.pipeline.writer import read_rows
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+def guarded(function, timeout: float = 600.0):
+    """Run `function()` in a thread; fail (never hang) if it has not returned after `timeout` seconds."""
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = function()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"the run did not finish within {timeout:.0f} s (a hang)"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def stored(out) -> dict[tuple[str, int], torch.Tensor]:
+    tensors = {}
+    for path in out.glob("*.safetensors"):
+        for key, tensor in load_file(str(path)).items():
+            tensors[(path.name.removesuffix(".safetensors"), writer.key_index(key))] = tensor
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------- uint8 transport
+def test_normalize_is_the_float_path_bit_for_bit():
+    """uint8 normalised after the copy equals (x / 255 - mean) / std computed in float32 (numpy, elementwise)."""
+    proc = processor()
+    pixels = torch.randint(0, 256, (2, 3, 17, 23), dtype=torch.uint8)
+    x = pixels.numpy().astype(np.float32)
+    reference = torch.from_numpy((x / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5))
+    assert torch.equal(proc.normalize(pixels), reference)
+    assert torch.equal(proc.normalize(pixels, torch.bfloat16), reference.to(torch.bfloat16))
+    page = text_page((40, 30), "uint8")
+    assert torch.equal(proc.to_tensor(page), proc.normalize(image_to_uint8(page)))
+    assert image_to_uint8(page).is_contiguous() and image_to_uint8(page).dtype == torch.uint8
+    tiles = images_to_uint8([page, page.rotate(180)])
+    assert tiles.shape == (2, 3, 30, 40) and torch.equal(tiles[1], image_to_uint8(page.rotate(180)))
+
+
+def test_pages_cross_as_uint8(tmp_path):
+    make_pdf(tmp_path / "a.pdf", 1)
+    work = PageWork(processor(), runner.EncodeOptions())
+    document = runner.discover([str(tmp_path / "a.pdf")])[0]
+    page = work.prepare(work.page_reader(), document, 0)
+    assert page.pixel_values.dtype == torch.uint8 and page.tiles is not None and page.tiles.dtype == torch.uint8
+
+
+# ---------------------------------------------------------------------------------------------- worker processes
+class CrashingWork(PageWork):
+    """Page preparation that kills its worker process on page 1 of every document: once (the marker file records
+    it) or every time. Settings are class attributes the test sets, copied into the instance (pickled to workers)."""
+
+    settings: dict = {}
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.__dict__.update(self.settings)
+
+    def prepare(self, reader, document, index):
+        if index == 1 and os.getpid() != self.main_pid:
+            if self.always or not os.path.exists(self.marker):
+                open(self.marker, "w").close()
+                os._exit(7)
+        return super().prepare(reader, document, index)
+
+
+def _crashing(tmp_path, monkeypatch, always: bool) -> None:
+    settings = {"marker": str(tmp_path / "crashed"), "always": always, "main_pid": os.getpid()}
+    monkeypatch.setattr(CrashingWork, "settings", settings)
+    monkeypatch.setattr(runner, "PageWork", CrashingWork)
+
+
+def test_crashed_worker_page_is_retried(tmp_path, model, monkeypatch, capsys):
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 4)
+    plain = encode([str(tmp_path / "in")], tmp_path / "plain", model, processor(), batch_size=2, workers=0,
+                   progress=False)  # fmt: skip
+    _crashing(tmp_path, monkeypatch, always=False)
+    result = guarded(lambda: encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=2,
+                                    workers=2, progress=False))  # fmt: skip
+    assert (tmp_path / "crashed").exists()  # a worker did die
+    assert result.ok and result.pages_ok == plain.pages_ok == 4
+    assert "page worker died (exit code 7)" in capsys.readouterr().err
+    expected, got = stored(tmp_path / "plain"), stored(tmp_path / "out")
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_page_that_kills_its_worker_twice_is_reported(tmp_path, model, monkeypatch):
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 3)
+    _crashing(tmp_path, monkeypatch, always=True)
+    result = guarded(lambda: encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=2,
+                                    workers=1, progress=False))  # fmt: skip
+    rows = read_rows(tmp_path / "out" / "manifest.jsonl")
+    status = {row["page"]: row["status"] for row in rows}
+    assert status == {0: "ok", 1: "error", 2: "ok"} and result.pages_error == 1
+    error = next(row["error"] for row in rows if row["status"] == "error")
+    assert "page worker died" in error and "twice" in error
+    assert set(stored(tmp_path / "out")) == {("book.pdf", 0), ("book.pdf", 2)}
+
+
+def test_spawned_workers_give_the_same_outputs(tmp_path, model):
+    make_documents(tmp_path / "in")
+    encode([str(tmp_path / "in")], tmp_path / "thread", model, processor(), batch_size=3, workers=0, progress=False)
+    result = guarded(lambda: encode([str(tmp_path / "in")], tmp_path / "spawn", model, processor(), batch_size=3,
+                                    workers=2, worker_start="spawn", progress=False))  # fmt: skip
+    assert result.ok and result.pages_ok == 7
+    expected, got = stored(tmp_path / "thread"), stored(tmp_path / "spawn")
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    strip = lambda rows: sorted((r["document"], r["page"], r["tokens"], r["status"]) for r in rows)  # noqa: E731
+    assert strip(read_rows(tmp_path / "spawn" / "manifest.jsonl")) == strip(
+        read_rows(tmp_path / "thread" / "manifest.jsonl")
+    )
+
+
+# ---------------------------------------------------------------------------------------------- device faults
+class FailingTower(torch.nn.Module):
+    """The tiny tower, failing as `fail(call, pixel_values)` says (an exception to raise, or None)."""
+
+    def __init__(self, model, fail) -> None:
+        super().__init__()
+        self.model, self.config, self.fail, self.calls = model, model.config, fail, 0
+
+    def forward(self, **kwargs):
+        self.calls += 1
+        error = self.fail(self.calls, kwargs["pixel_values"])
+        if error is not None:
+            raise error
+        return self.model(**kwargs)
+
+
+def test_out_of_memory_halves_the_batch(tmp_path, model, capsys):
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 5)
+    oom = lambda call, pixels: torch.OutOfMemoryError("CUDA out of memory.") if len(pixels) > 2 else None  # noqa: E731
+    tower = FailingTower(model, oom)
+    result = encode([str(tmp_path / "in")], tmp_path / "out", tower, processor(), batch_size=4, workers=0,
+                    progress=False)  # fmt: skip
+    assert result.ok and result.pages_ok == 5
+    assert "out of memory on a batch of 4 pages" in capsys.readouterr().err
+    encode([str(tmp_path / "in")], tmp_path / "plain", model, processor(), batch_size=2, workers=0, progress=False)
+    expected, got = stored(tmp_path / "plain"), stored(tmp_path / "out")  # halves: (0, 1), (2, 3), then (4)
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_sticky_device_error_stops_the_run_and_resume_completes(tmp_path, model):
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 4)
+    make_pdf(tmp_path / "in" / "memo.pdf", 2, size=(400, 250))
+    sticky = RuntimeError("CUDA error: device-side assert triggered\nCompile with `TORCH_USE_CUDA_DSA`")
+    tower = FailingTower(model, lambda call, pixels: sticky if call == 2 else None)
+    out = tmp_path / "out"
+    with pytest.raises(DeviceFailed, match="device-side assert"):
+        encode([str(tmp_path / "in")], out, tower, processor(), batch_size=2, workers=0, progress=False)
+    assert tower.calls == 2  # stopped at once: no page-by-page retry on a dead context
+    rows = read_rows(out / "manifest.jsonl")
+    assert [(r["document"], r["page"], r["status"]) for r in rows] == [("book.pdf", 0, "ok"), ("book.pdf", 1, "ok")]
+    assert not list(out.rglob("*.tmp-*")) and not (out / ".lock").exists()
+    for part in (out / ".parts").rglob("*.safetensors"):  # the finished batch is on disk, whole
+        load_file(str(part))
+
+    result = encode([str(tmp_path / "in")], out, model, processor(), batch_size=2, workers=0, progress=False)
+    assert result.ok and result.pages_skipped == 2 and result.pages_ok == 4
+    pages = Counter((r["document"], r["page"]) for r in read_rows(out / "manifest.jsonl") if r["status"] == "ok")
+    assert len(pages) == 6 and set(pages.values()) == {1}
+    encode([str(tmp_path / "in")], tmp_path / "plain", model, processor(), batch_size=2, workers=0, progress=False)
+    expected, got = stored(tmp_path / "plain"), stored(out)
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_other_model_errors_are_not_device_failures():
+    assert runner.is_device_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not runner.is_device_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not runner.is_device_failure(ValueError("device-side assert"))  # not raised by the runtime
+    assert runner.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory."))
+    assert not runner.is_out_of_memory(RuntimeError("index out of range"))
+
+
+# ---------------------------------------------------------------------------------------------- writer
+def test_one_part_file_per_batch_and_document(tmp_path, model, monkeypatch):
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 3)
+    make_pdf(tmp_path / "in" / "memo.pdf", 2, size=(400, 250))
+    written = []
+    write_pages = writer.write_pages
+    monkeypatch.setattr(writer, "write_pages", lambda *a: written.append(write_pages(*a)))
+    merged = []
+    merge_document = writer.merge_document
+    monkeypatch.setattr(writer, "merge_document", lambda f, name: merged.append(name) or merge_document(f, name))
+    result = encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=4, workers=0,
+                    progress=False)  # fmt: skip
+    assert result.ok
+    # batches (book 0-2, memo 0), (memo 1): three part files, each document merged once at its end
+    assert written == [".parts/book.pdf/pages.0-2.safetensors", ".parts/memo.pdf/pages.0-0.safetensors",
+                       ".parts/memo.pdf/pages.1-1.safetensors"]  # fmt: skip
+    assert merged.count("book.pdf") == 2 and merged.count("memo.pdf") == 2  # at its start (leftovers) and its end
+    assert not any(p.is_file() for p in (tmp_path / "out" / ".parts").rglob("*"))
+    assert set(stored(tmp_path / "out")) == {("book.pdf", i) for i in range(3)} | {("memo.pdf", i) for i in range(2)}
