@@ -1,0 +1,206 @@
+"""The encode data path against the tower: pages/s end to end, with the tower stubbed out, and of the tower alone.
+
+    python -m benchmarks.pipeline [--tower near-free|real|CONFIG.json] [--modes base,gundam] [--pages 48]
+                                  [--batch-size 8] [--workers 2] [--device auto] [--compute-dtype float32]
+
+One command, on the CPU or a GPU. It writes its own input (multi-page letter-sized text PDFs, 6 pages each), then for
+every mode measures, on the same pages:
+- `end_to_end`: `encode` with the tower (weights random, `--tower`: `near-free` is benchmarks/configs/
+  near_free_tower.json, one narrow windowed SAM block and one CLIP layer with the 1280-d projector, so the outputs
+  keep their size and the run measures the data path; `real` the released architecture), pages/s from the run's
+  summary, and the seconds from the start of `encode` to the end of the first tower batch;
+- `feed_only`: the same run with the tower replaced by a stub returning zero tensors of the same shapes: what the
+  page workers, the transfer, the normalisation and the writer sustain;
+- `tower_only`: the tower on the same pages prepared beforehand (upload, normalise, forward, copy back), no I/O.
+The process runs under `deepencoder.runtime`'s allocator. Results: benchmarks/results/pipeline-<device>-<tower>.json
+and a bar chart next to it (`--out` another folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from PIL import Image, ImageDraw
+
+RESULTS = Path(__file__).parent / "results"
+NEAR_FREE = Path(__file__).parent / "configs" / "near_free_tower.json"
+
+
+def make_input(folder: Path, pages: int, per_pdf: int = 6) -> None:
+    """`pages` letter-sized pages of text in PDFs of `per_pdf` pages (rendered by pdfium like any PDF)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for start in range(0, pages, per_pdf):
+        images = []
+        for index in range(start, min(pages, start + per_pdf)):
+            page = Image.new("RGB", (850, 1100), "white")
+            draw = ImageDraw.Draw(page)
+            for line in range(44):
+                draw.text((60, 50 + 23 * line), f"document {start // per_pdf} page {index} line {line} " * 3, "black")
+            images.append(page)
+        images[0].save(folder / f"doc{start // per_pdf:03d}.pdf", save_all=True, append_images=images[1:])
+
+
+class StubTower(torch.nn.Module):
+    """Returns zeros of the shapes the tower would (projected features), computing nothing."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.config = model.config
+        self.anchor = torch.nn.Parameter(torch.zeros((), device=next(model.parameters()).device,
+                                                     dtype=next(model.parameters()).dtype))  # fmt: skip
+
+    def forward(self, pixel_values, pixel_values_tiles=None, tile_grids=None, output_pre_projector=False):
+        from deepencoder.layout import count_tokens
+
+        down, dim = self.config.patch_size, self.config.projector_dim
+        tile_side = pixel_values_tiles.shape[-1] // down if pixel_values_tiles is not None else 0
+        embeds = []
+        for view, grid in zip(pixel_values, tile_grids):
+            tokens = count_tokens((view.shape[-2] // down, view.shape[-1] // down), tuple(grid), tile_side)
+            embeds.append(self.anchor.new_zeros((tokens, dim)))
+        return SimpleNamespace(image_embeds=embeds, pre_projector=None)
+
+
+class FirstBatch(torch.nn.Module):
+    """The tower, noting when its first forward returned."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.config, self.first = model, model.config, None
+
+    def forward(self, **kwargs):
+        out = self.model(**kwargs)
+        if self.first is None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.first = time.perf_counter()
+        return out
+
+
+def run_encode(model, inputs: Path, out: Path, mode: str, args) -> tuple[float, float]:
+    """(pages/s of the run, seconds from the call to the end of the first batch)."""
+    from deepencoder import DeepEncoderImageProcessor
+    from deepencoder.pipeline import encode
+
+    shutil.rmtree(out, ignore_errors=True)
+    timed = FirstBatch(model)
+    start = time.perf_counter()
+    result = encode([str(inputs)], out, timed, DeepEncoderImageProcessor(mode=mode), batch_size=args.batch_size,
+                    workers=args.workers, progress=False)  # fmt: skip
+    assert result.ok and result.pages_ok == args.pages, result.summary()
+    return result.pages_ok / result.seconds, timed.first - start
+
+
+def tower_rate(model, inputs: Path, mode: str, args) -> float:
+    """pages/s of the tower alone (upload, normalise, forward, copy back) on pages prepared beforehand."""
+    from deepencoder import DeepEncoderImageProcessor
+    from deepencoder.pipeline import EncodeOptions, discover
+    from deepencoder.pipeline.runner import PageWork
+    from deepencoder.pipeline.sources import count_pages
+
+    work = PageWork(DeepEncoderImageProcessor(mode=mode), EncodeOptions(batch_size=args.batch_size))
+    reader = work.page_reader()
+    pages = [work.prepare(reader, d, i) for d in discover([str(inputs)]) for i in range(count_pages(d))]
+    reader.close()
+    work.forward(model, pages[: args.batch_size])  # warm-up (kernels, allocator)
+    start = time.perf_counter()
+    for first in range(0, len(pages), args.batch_size):
+        work.forward(model, pages[first : first + args.batch_size])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return len(pages) / (time.perf_counter() - start)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(report["modes"])
+    kinds = ("end_to_end", "feed_only", "tower_only")
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(modes), 3.2))
+    width = 0.8 / len(kinds)
+    for k, kind in enumerate(kinds):
+        values = [report["modes"][m][f"{kind}_pages_per_s"] for m in modes]
+        ax.bar([i + k * width for i in range(len(modes))], values, width, label=kind.replace("_", " "))
+    ax.set_xticks([i + width for i in range(len(modes))], modes)
+    ax.set_ylabel("pages / s")
+    ax.set_title(f"encode data path, {report['tower']} tower, {report['device']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from deepencoder import runtime
+
+    allocator = runtime.configure_allocator()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tower", default="near-free", help="near-free | real | a config.json")
+    parser.add_argument("--modes", default="base,gundam")
+    parser.add_argument("--pages", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compute-dtype", default="float32")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON and the plot")
+    args = parser.parse_args(argv)
+
+    from deepencoder.dtypes import parse_dtype
+    from deepencoder.pipeline import load_model
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    config = {"near-free": str(NEAR_FREE), "real": None}.get(args.tower, args.tower)
+    model, _ = load_model("random", config, seed=0, mode="base")
+    model = model.to(device=device, dtype=parse_dtype(args.compute_dtype)).eval()
+    stub = StubTower(model)
+    work = Path(tempfile.mkdtemp(prefix="deepencoder-pipeline-bench-"))
+    report: dict = {
+        "tower": args.tower,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "compute_dtype": args.compute_dtype,
+        "pages": args.pages,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "allocator": allocator,
+        "load_average_1min": round(os.getloadavg()[0], 1),
+        "modes": {},
+    }
+    try:
+        make_input(work / "in", args.pages)
+        for mode in args.modes.split(","):
+            end_to_end, first_batch = run_encode(model, work / "in", work / "out", mode, args)
+            feed_only, _ = run_encode(stub, work / "in", work / "stub", mode, args)
+            tower_only = tower_rate(model, work / "in", mode, args)
+            report["modes"][mode] = {
+                "end_to_end_pages_per_s": round(end_to_end, 2),
+                "feed_only_pages_per_s": round(feed_only, 2),
+                "tower_only_pages_per_s": round(tower_only, 2),
+                "first_batch_s": round(first_batch, 3),
+            }
+            print(mode, json.dumps(report["modes"][mode]), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"pipeline-{device.type}-{Path(args.tower).stem if args.tower.endswith('.json') else args.tower}"
+    (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / f"{name}.png")
+    print(f"-> {args.out / name}.json, .png")
+    return report
+
+
+if __name__ == "__main__":
+    main()
