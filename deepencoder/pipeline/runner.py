@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -313,6 +313,8 @@ class PageWork:
         pinned = device.type == "cuda"
 
         def move(pixels: torch.Tensor) -> torch.Tensor:
+            if pixels.is_floating_point():  # normalised already (`stage`)
+                return pixels.to(device, dtype)
             if pinned:
                 pixels = pixels.pin_memory()
             return self.processor.normalize(pixels.to(device, non_blocking=pinned), dtype)
@@ -324,6 +326,15 @@ class PageWork:
             pixel_values = [move(g.contiguous()) for g in globals_]
         tiles = [item.tiles for item in batch if item.tiles is not None]
         return pixel_values, move(torch.cat(tiles)) if tiles else None
+
+    def stage(self, page: PageInput | PageFailure, device: torch.device, dtype: torch.dtype) -> PageInput | PageFailure:
+        """A page about to wait for its batch. On the CPU (where the device is this process's cores) its pixels are
+        normalised here, in the thread feeding the loop, while the loop runs the previous batch; on an accelerator
+        they stay uint8 until `upload`."""
+        if device.type != "cpu" or not isinstance(page, PageInput):
+            return page
+        tiles = None if page.tiles is None else self.processor.normalize(page.tiles, dtype)
+        return replace(page, pixel_values=self.processor.normalize(page.pixel_values, dtype), tiles=tiles)
 
     def fetch(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-page outputs on the device -> on the CPU in the stored dtype, with one copy for the whole batch."""
@@ -526,13 +537,16 @@ class _Encoder:
                     yield PageTask(document, index)
 
         producer = None
+        parameter = next(self.model.parameters())
+        device = parameter.device, parameter.dtype
         try:
             if self.reader is not None:
                 for task in tasks():
                     if stop.is_set():
                         return
-                    items.put(self.work.prepare(self.reader, task.document, task.index)
-                              if isinstance(task, PageTask) else task)  # fmt: skip
+                    if isinstance(task, PageTask):
+                        task = self.work.stage(self.work.prepare(self.reader, task.document, task.index), *device)
+                    items.put(task)
                 return
             depth = max(1, (self.options.prefetch or 2 * self.options.batch_size) // self.options.workers)
             producer = PageProducer(self.work, self.options.workers, depth, self.options.worker_start)
@@ -540,7 +554,7 @@ class _Encoder:
             for _, result in producer.run(tasks(), failure):
                 if stop.is_set():
                     return
-                items.put(result)
+                items.put(self.work.stage(result, *device))
         except BaseException as error:  # surfaced by the consumer
             items.put(error)
         finally:
