@@ -303,15 +303,23 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         """RGB PIL -> (3, H, W) float32, (x / 255 - mean) / std."""
         return self.normalize(image_to_uint8(image))
 
-    def normalize(self, pixels: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def normalize(
+        self, pixels: torch.Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """uint8 pixels (..., 3, H, W), on any device -> (x / 255 - mean) / std computed in float32 on that device
-        (the same operations as `to_tensor`, so the values are bit-identical), then cast to `dtype` if given.
-        Pipelines move pages as uint8 (a quarter of the bytes) and normalise after the copy to the device."""
-        out = pixels.to(torch.float32, copy=True)  # in place from here: one buffer, not one per operation
-        out.div_(255.0)
-        out.sub_(torch.tensor(self.image_mean, device=pixels.device).view(3, 1, 1))
-        out.div_(torch.tensor(self.image_std, device=pixels.device).view(3, 1, 1))
-        return out if dtype is None or dtype == out.dtype else out.to(dtype)
+        (the same operations as `to_tensor`, so the values are bit-identical), then cast to `dtype` if given; into
+        `out` if given (its dtype wins). Pipelines move pages as uint8 (a quarter of the bytes) and normalise after
+        the copy to the device. Every divisor is a tensor: a Python-number divisor lets CUDA multiply by its
+        reciprocal instead, one rounding away from the CPU's division."""
+        device = pixels.device
+        work = out if out is not None and out.dtype == torch.float32 else torch.empty(pixels.shape, device=device)
+        work.copy_(pixels)  # in place from here: one buffer, not one per operation
+        work.div_(torch.full((), 255.0, device=device))
+        work.sub_(torch.tensor(self.image_mean, device=device).view(3, 1, 1))
+        work.div_(torch.tensor(self.image_std, device=device).view(3, 1, 1))
+        if out is not None:
+            return out if out is work else out.copy_(work)
+        return work if dtype is None or dtype == work.dtype else work.to(dtype)
 
     def preprocess(
         self,

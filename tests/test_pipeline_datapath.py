@@ -79,6 +79,26 @@ def test_pages_cross_as_uint8(tmp_path):
     assert page.pixel_values.dtype == torch.uint8 and page.tiles is not None and page.tiles.dtype == torch.uint8
 
 
+def test_cpu_staging_fills_the_batch_tensor_in_place(tmp_path):
+    """On the CPU pages are normalised into consecutive slots of one batch tensor, which `upload` takes as the batch
+    without a copy; the values are those of normalising the stacked uint8 pages."""
+    make_pdf(tmp_path / "a.pdf", 3)
+    work = PageWork(processor(), runner.EncodeOptions(batch_size=2))
+    document = runner.discover([str(tmp_path / "a.pdf")])[0]
+    reader = work.page_reader()
+    pages = [work.prepare(reader, document, i) for i in range(3)]
+    reader.close()
+    stage = work.stager(torch.device("cpu"), torch.float32)
+    staged = [stage(page) for page in pages]
+    expected = work.processor.normalize(torch.stack([p.pixel_values for p in pages[:2]]))
+    batch, tiles = work.upload(staged[:2], torch.device("cpu"), torch.float32)
+    assert torch.equal(batch, expected) and batch.data_ptr() == staged[0].pixel_values.data_ptr()
+    assert torch.equal(tiles, work.processor.normalize(torch.cat([p.tiles for p in pages[:2]])))
+    # the third page starts a new batch tensor; a batch across two of them is stacked (same values)
+    mixed, _ = work.upload(staged[1:], torch.device("cpu"), torch.float32)
+    assert torch.equal(mixed, work.processor.normalize(torch.stack([p.pixel_values for p in pages[1:]])))
+
+
 # ---------------------------------------------------------------------------------------------- worker processes
 class CrashingWork(PageWork):
     """Page preparation that kills its worker process on page 1 of every document: once (the marker file records

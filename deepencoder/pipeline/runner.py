@@ -321,20 +321,17 @@ class PageWork:
 
         globals_ = [item.pixel_values for item in batch]
         if len({tuple(g.shape) for g in globals_}) == 1:
-            pixel_values: torch.Tensor | list[torch.Tensor] = move(torch.stack(globals_))
+            slab = _consecutive(globals_)  # normalised in place in one batch tensor: no stacking copy
+            pixel_values: torch.Tensor | list[torch.Tensor] = move(torch.stack(globals_) if slab is None else slab)
         else:
             pixel_values = [move(g.contiguous()) for g in globals_]
         tiles = [item.tiles for item in batch if item.tiles is not None]
         return pixel_values, move(torch.cat(tiles)) if tiles else None
 
-    def stage(self, page: PageInput | PageFailure, device: torch.device, dtype: torch.dtype) -> PageInput | PageFailure:
-        """A page about to wait for its batch. On the CPU (where the device is this process's cores) its pixels are
-        normalised here, in the thread feeding the loop, while the loop runs the previous batch; on an accelerator
-        they stay uint8 until `upload`."""
-        if device.type != "cpu" or not isinstance(page, PageInput):
-            return page
-        tiles = None if page.tiles is None else self.processor.normalize(page.tiles, dtype)
-        return replace(page, pixel_values=self.processor.normalize(page.pixel_values, dtype), tiles=tiles)
+    def stager(self, device: torch.device, dtype: torch.dtype) -> _CpuStager | None:
+        """What prepares pages for their batch in the thread feeding the loop: on the CPU, normalisation straight
+        into the batch tensor; on an accelerator nothing (pages stay uint8 until `upload`)."""
+        return _CpuStager(self, dtype) if device.type == "cpu" else None
 
     def fetch(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per-page outputs on the device -> on the CPU in the stored dtype, with one copy for the whole batch."""
@@ -411,6 +408,44 @@ class PageWork:
             )
             results.append((item, tensor, row))
         return results
+
+
+def _consecutive(views: list[torch.Tensor]) -> torch.Tensor | None:
+    """The batch tensor `views` are consecutive entries of, as one view, or None."""
+    first = views[0]
+    step = first.numel() * first.element_size()
+    if not first.is_contiguous() or any(
+        not v.is_contiguous() or v.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+        or v.data_ptr() != first.data_ptr() + i * step
+        for i, v in enumerate(views)
+    ):  # fmt: skip
+        return None
+    return first.as_strided((len(views), *first.shape), (first.numel(), *first.stride()))
+
+
+class _CpuStager:
+    """Pages normalised on the CPU in the feeding thread, while the loop runs the previous batch: global views
+    straight into slots of a batch tensor (`batch_limit` of them, the next one allocated when it is full or the
+    view size changes), so the loop's `upload` takes consecutive slots as the batch without copying; tiles on their
+    own. Bit-identical to normalising in `upload`."""
+
+    def __init__(self, work: PageWork, dtype: torch.dtype) -> None:
+        self.work, self.dtype = work, dtype
+        self.slab: torch.Tensor | None = None
+        self.used = 0
+
+    def __call__(self, page: PageInput | PageFailure) -> PageInput | PageFailure:
+        if not isinstance(page, PageInput):
+            return page
+        normalize = self.work.processor.normalize
+        shape = tuple(page.pixel_values.shape)
+        if self.slab is None or self.used == len(self.slab) or tuple(self.slab.shape[1:]) != shape:
+            self.slab = torch.empty((self.work.batch_limit, *shape), dtype=self.dtype)
+            self.used = 0
+        view = normalize(page.pixel_values, out=self.slab[self.used])
+        self.used += 1
+        tiles = None if page.tiles is None else normalize(page.tiles, self.dtype)
+        return replace(page, pixel_values=view, tiles=tiles)
 
 
 class DeviceFailed(RuntimeError):
@@ -538,14 +573,14 @@ class _Encoder:
 
         producer = None
         parameter = next(self.model.parameters())
-        device = parameter.device, parameter.dtype
+        stager = self.work.stager(parameter.device, parameter.dtype) or (lambda page: page)
         try:
             if self.reader is not None:
                 for task in tasks():
                     if stop.is_set():
                         return
                     if isinstance(task, PageTask):
-                        task = self.work.stage(self.work.prepare(self.reader, task.document, task.index), *device)
+                        task = stager(self.work.prepare(self.reader, task.document, task.index))
                     items.put(task)
                 return
             depth = max(1, (self.options.prefetch or 2 * self.options.batch_size) // self.options.workers)
@@ -554,7 +589,7 @@ class _Encoder:
             for _, result in producer.run(tasks(), failure):
                 if stop.is_set():
                     return
-                items.put(self.work.stage(result, *device))
+                items.put(stager(result))
         except BaseException as error:  # surfaced by the consumer
             items.put(error)
         finally:
