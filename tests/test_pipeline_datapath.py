@@ -157,7 +157,7 @@ def test_spawned_workers_give_the_same_outputs(tmp_path, model):
     make_documents(tmp_path / "in")
     encode([str(tmp_path / "in")], tmp_path / "thread", model, processor(), batch_size=3, workers=0, progress=False)
     result = guarded(lambda: encode([str(tmp_path / "in")], tmp_path / "spawn", model, processor(), batch_size=3,
-                                    workers=2, worker_start="spawn", progress=False))  # fmt: skip
+                                    workers=1, worker_start="spawn", progress=False))  # fmt: skip
     assert result.ok and result.pages_ok == 7
     expected, got = stored(tmp_path / "thread"), stored(tmp_path / "spawn")
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
@@ -228,6 +228,28 @@ def test_other_model_errors_are_not_device_failures():
     assert not runner.is_device_failure(ValueError("device-side assert"))  # not raised by the runtime
     assert runner.is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory."))
     assert not runner.is_out_of_memory(RuntimeError("index out of range"))
+
+
+def test_next_batch_is_queued_before_the_previous_one_is_waited_for(tmp_path, model, monkeypatch):
+    """The loop queues batch k+1 on the device before it waits for batch k's results (on CUDA the forward and the
+    copies are asynchronous; on the CPU the order is the same, each step runs at once)."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 5)
+    events = []
+    launch = PageWork.launch
+
+    def recording_launch(self, tower, batch):
+        pages = [item.index for item in batch]
+        events.append(("queued", pages))
+        wait = launch(self, tower, batch)
+        return lambda: events.append(("waited", pages)) or wait()
+
+    monkeypatch.setattr(PageWork, "launch", recording_launch)
+    result = encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=2, workers=0,
+                    progress=False)  # fmt: skip
+    assert result.ok and result.pages_ok == 5
+    assert events == [("queued", [0, 1]), ("queued", [2, 3]), ("waited", [0, 1]), ("queued", [4]),
+                      ("waited", [2, 3]), ("waited", [4])]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- writer

@@ -10,7 +10,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -311,13 +311,20 @@ class PageWork:
         """The batch's uint8 views -> (global views, tiles) on the device, normalised there in float32 and cast to
         `dtype`: pages cross to the device as uint8 (from pinned memory, without blocking, on CUDA)."""
         pinned = device.type == "cuda"
+        copies = self._copy_stream(device) if pinned else None
 
         def move(pixels: torch.Tensor) -> torch.Tensor:
             if pixels.is_floating_point():  # normalised already (`stage`)
                 return pixels.to(device, dtype)
-            if pinned:
-                pixels = pixels.pin_memory()
-            return self.processor.normalize(pixels.to(device, non_blocking=pinned), dtype)
+            if not pinned:
+                return self.processor.normalize(pixels.to(device), dtype)
+            pixels = pixels.pin_memory()
+            with torch.cuda.stream(copies):  # beside the forward of the batch before, which is still running
+                on_device = pixels.to(device, non_blocking=True)
+            compute = torch.cuda.current_stream(device)
+            compute.wait_stream(copies)
+            on_device.record_stream(compute)
+            return self.processor.normalize(on_device, dtype)
 
         globals_ = [item.pixel_values for item in batch]
         if len({tuple(g.shape) for g in globals_}) == 1:
@@ -333,14 +340,40 @@ class PageWork:
         into the batch tensor; on an accelerator nothing (pages stay uint8 until `upload`)."""
         return _CpuStager(self, dtype) if device.type == "cpu" else None
 
-    def fetch(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per-page outputs on the device -> on the CPU in the stored dtype, with one copy for the whole batch."""
-        if not features:
-            return []
-        lengths = [int(f.shape[0]) for f in features]
-        return list(torch.cat(features).to("cpu", self.options.dtype).split(lengths))
+    def _copy_stream(self, device: torch.device):
+        streams = self.__dict__.setdefault("_copy_streams", {})
+        if device not in streams:
+            streams[device] = torch.cuda.Stream(device)
+        return streams[device]
 
-    def forward(self, model: torch.nn.Module, batch: list[PageInput]) -> list[torch.Tensor]:
+    def __getstate__(self) -> dict:  # CUDA streams stay in their process
+        return {k: v for k, v in self.__dict__.items() if k != "_copy_streams"}
+
+    def fetch(self, features: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
+        """Per-page outputs on the device -> on the CPU in the stored dtype, with one copy for the whole batch.
+        Returns a callable giving the tensors: on CUDA the copy is queued behind the forward into pinned memory and
+        the callable waits for it, so the next batch can be queued first."""
+        if not features:
+            return lambda: []
+        lengths = [int(f.shape[0]) for f in features]
+        flat = torch.cat(features).to(dtype=self.options.dtype)
+        if flat.device.type != "cuda":
+            tensors = list(flat.to("cpu").split(lengths))
+            return lambda: tensors
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(flat.device))
+
+        def wait() -> list[torch.Tensor]:
+            done.synchronize()
+            return list(host.split(lengths))
+
+        return wait
+
+    def launch(self, model: torch.nn.Module, batch: list[PageInput]) -> Callable[[], list[torch.Tensor]]:
+        """Upload the batch and queue its forward and the copy back (asynchronous on CUDA; at once elsewhere);
+        the returned callable gives the per-page tensors on the CPU."""
         parameter = next(model.parameters())
         pixel_values, pixel_values_tiles = self.upload(batch, parameter.device, parameter.dtype)
         grids = [item.plan.tile_grid if item.plan.num_tiles else (1, 1) for item in batch]
@@ -353,6 +386,30 @@ class PageWork:
                 output_pre_projector=pre,
             )
         return self.fetch(out.pre_projector if pre else out.image_embeds)
+
+    def forward(self, model: torch.nn.Module, batch: list[PageInput]) -> list[torch.Tensor]:
+        return self.launch(model, batch)()
+
+    def start_batch(self, model: torch.nn.Module, batch: list[PageInput]) -> Callable[[], list[tuple]]:
+        """`encode_batch` in two steps, so the loop queues batch k+1 on the device before it waits for batch k:
+        the returned callable gives the batch's results. A batch whose asynchronous start or finish fails is run
+        again through `encode_batch` (retries, out-of-memory halving, device failures)."""
+        start = time.perf_counter()
+        try:
+            pending = self.launch(model, batch)
+        except Exception as error:  # noqa: BLE001 - decided by encode_batch
+            if is_device_failure(error):
+                raise device_failed(error) from error
+            return lambda: self.encode_batch(model, batch)
+
+        def finish() -> list[tuple]:
+            try:
+                features = pending()
+            except Exception:  # noqa: BLE001 - decided by encode_batch
+                return self.encode_batch(model, batch)
+            return self._results(batch, features, start)
+
+        return finish
 
     def encode_batch(
         self, model: torch.nn.Module, batch: list[PageInput]
@@ -367,10 +424,7 @@ class PageWork:
             features = self.forward(model, batch)
         except Exception as error:  # noqa: BLE001 - one bad batch must not stop the run
             if is_device_failure(error):
-                raise DeviceFailed(
-                    f"the device failed and cannot go on ({type(error).__name__}: {str(error).strip()}); the run "
-                    "stopped, every page written so far is kept: run the same command again to resume"
-                ) from error
+                raise device_failed(error) from error
             if is_out_of_memory(error):
                 free_device_cache(model)
                 if len(batch) > 1:
@@ -385,6 +439,9 @@ class PageWork:
             item = batch[0]
             return [(item, None, self.error_row(item.document, item.index, f"model failed: {_error_text(error)}",
                                                 item.seconds))]  # fmt: skip
+        return self._results(batch, features, start)
+
+    def _results(self, batch: list[PageInput], features: list[torch.Tensor], start: float) -> list[tuple]:
         share = (time.perf_counter() - start) / len(batch)
         results = []
         for item, tensor in zip(batch, features):
@@ -451,6 +508,13 @@ class _CpuStager:
 class DeviceFailed(RuntimeError):
     """The accelerator hit an error that leaves its context unusable (device-side assert, illegal address, ...):
     the run stops with this message; what was written is whole and a rerun resumes."""
+
+
+def device_failed(error: BaseException) -> DeviceFailed:
+    return DeviceFailed(
+        f"the device failed and cannot go on ({type(error).__name__}: {str(error).strip()}); the run stopped, "
+        "every page written so far is kept: run the same command again to resume"
+    )
 
 
 # substrings of the errors after which a CUDA context is unusable (every later call fails the same way)
@@ -559,6 +623,7 @@ class _Encoder:
         self.remaining: dict[str, int] = {}
         self.ok_rows: set[tuple[str, str]] = set()
         self.crashes: list[str] = []
+        self.pending: tuple[list[PageInput], Callable[[], list[tuple]]] | None = None  # queued, not finished
 
     # ------------------------------------------------------------------ producer side (feeder thread)
     def _feed(self, documents: list[Document], items: queue.Queue, stop: threading.Event) -> None:
@@ -649,7 +714,25 @@ class _Encoder:
             self.reader.release(document)
 
     def _run_batch(self, batch: list[PageInput], out: _Writer) -> None:
-        out.put("batch", self.work.encode_batch(self.model, batch))
+        """Queue `batch` on the device, then finish the batch queued before it (the device works on this one while
+        its predecessor's results go to the writer)."""
+        try:
+            pending = (batch, self.work.start_batch(self.model, batch))
+        except DeviceFailed:
+            try:  # the batch before may have finished on the device before the failure: written if it did
+                self._complete(out)
+            except DeviceFailed:
+                pass
+            raise
+        self._complete(out)
+        self.pending = pending
+
+    def _complete(self, out: _Writer) -> None:
+        if self.pending is None:
+            return
+        batch, finish = self.pending
+        self.pending = None
+        out.put("batch", finish())
         for item in batch:
             self._finish_page(item.document, out)
         if self.options.sleep_per_batch:
@@ -714,6 +797,7 @@ class _Encoder:
                     batch = []
             if batch:
                 self._run_batch(batch, out)
+            self._complete(out)
         finally:
             stop.set()
             while feeder.is_alive():  # unblock a feeder waiting on a full queue
