@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps
 
@@ -303,9 +304,12 @@ def render_pdf_page(pdf, index: int, options: RenderOptions) -> Image.Image:
             else:
                 scale = options.target_long_side / max(width_pt, height_pt)
             check_size(max(1, round(width_pt * scale)), max(1, round(height_pt * scale)), options)
-            bitmap = page.render(scale=scale)
+            # pdfium writes RGB itself (rev_byteorder): one copy out of its buffer, no per-pixel BGR unpacking
+            bitmap = page.render(scale=scale, rev_byteorder=True)
             try:
-                image = bitmap.to_pil().convert("RGB")
+                pixels = np.array(bitmap.to_numpy())
+                image = (Image.fromarray(pixels, "RGB") if pixels.ndim == 3 and pixels.shape[2] == 3
+                         else bitmap.to_pil().convert("RGB"))  # fmt: skip
             finally:
                 bitmap.close()
         finally:
