@@ -202,16 +202,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- safetensors
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+def _tensor_bytes(tensor: torch.Tensor) -> bytes | memoryview:
+    """The tensor's bytes, without a copy when it is a contiguous CPU tensor (a view kept alive by the buffer)."""
     tensor = tensor.detach().to("cpu").contiguous()
-    return tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+    return memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b""
 
 
 def write_safetensors(
     folder: Folder, relative: str, tensors: Iterable[tuple[str, Any]], metadata: dict[str, str]
 ) -> None:
     """Stream tensors into a safetensors file atomically. `tensors` yields `(key, (dtype, shape, loader))`, the
-    loader a tensor or a callable called when its bytes are due, so a merge holds one tensor in memory."""
+    loader a tensor or a callable called when its bytes are due (returning a tensor, or the raw bytes of one), so a
+    merge holds one tensor in memory."""
     entries = list(tensors)
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -226,6 +228,12 @@ def write_safetensors(
         yield struct.pack("<Q", len(blob)) + blob
         for key, (dtype, shape, loader) in entries:
             tensor = loader() if callable(loader) else loader
+            if isinstance(tensor, (bytes, bytearray, memoryview)):
+                size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+                if len(tensor) != size:
+                    raise ValueError(f"{folder.display(relative)}: tensor {key} changed while writing")
+                yield tensor
+                continue
             if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
                 raise ValueError(f"{folder.display(relative)}: tensor {key} changed while writing")
             yield _tensor_bytes(tensor)
@@ -260,10 +268,14 @@ def read_tensor(folder: Folder, relative: str, key: str, header: dict[str, Any] 
 
 
 def _sources(folder: Folder, relative: str):
-    header = read_header(folder, relative)
+    """(key, (dtype, shape, loader)) of a safetensors file; the loaders read each tensor's bytes as stored (a merge
+    copies bytes: no tensor is rebuilt)."""
+    (length,) = struct.unpack("<Q", folder.read_range(relative, 0, 8))
+    header = json.loads(folder.read_range(relative, 8, 8 + length))
     header.pop("__metadata__", None)
     for key, entry in header.items():
-        loader = lambda f=folder, r=relative, k=key, h=header: read_tensor(f, r, k, h)  # noqa: E731
+        start, end = (8 + length + offset for offset in entry["data_offsets"])
+        loader = lambda f=folder, r=relative, a=start, b=end: f.read_range(r, a, b)  # noqa: E731
         yield key, (_CODE_DTYPES[entry["dtype"]], tuple(entry["shape"]), loader)
 
 
