@@ -9,10 +9,12 @@ backpressure, failed tasks are retried by Ray):
 
     documents (listed on the driver)
       -> `_expand`   CPU tasks, one document at a time: merge parts a killed run left, count pages, skip pages done
-      -> `_prepare`  CPU tasks: decode / render pages, plan, global view and tiles as tensors (bad page -> error row)
+      -> `_prepare`  CPU tasks: decode / render pages, plan, global view and tiles as uint8 tensors (normalised on
+                     the tower's device, as in the local runner; bad page -> error row); open PDFs kept per process
       -> `_Tower`    an actor pool (`map_batches` with a class: one model load per actor, `num_gpus` each): tower
                      batches; rows get the tower's name
-      -> `_write`    CPU tasks: each finished page written as a part (atomic; a retried task rewrites it whole)
+      -> `_write`    CPU tasks: a batch's finished pages written as one part per document (atomic; a retried task
+                     rewrites it whole)
       -> driver      appends the rows to the manifest (exactly once per page), and when a document's last page is
                      in, a Ray task merges its parts into `<document>.safetensors`
 
@@ -106,22 +108,40 @@ def _expand(record: dict[str, Any], work: PageWork, folder: writer.Folder) -> li
     return [{"item": pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)} for item in items]
 
 
+class _Readers:
+    """Page readers of this worker process, kept across batches (a PDF is opened, or fetched, once per process, not
+    once per batch), one per run's settings; the handles of the two documents read last stay open."""
+
+    def __init__(self) -> None:
+        self.readers: dict[bytes, tuple[Any, list[Document]]] = {}
+
+    def read(self, work: PageWork, document: Document, index: int):
+        key = pickle.dumps((work.render, work.processor.to_dict(), work.options.tokenizer))
+        if key not in self.readers:
+            self.readers[key] = (work.page_reader(), [])
+        reader, recent = self.readers[key]
+        if document not in recent:
+            recent.append(document)
+            if len(recent) > 2:
+                reader.release(recent.pop(0))
+        return work.prepare(reader, document, index)
+
+
+_READERS = _Readers()  # per worker process: a cache of open documents, no setting
+
+
 def _prepare(batch: dict[str, np.ndarray], work: PageWork) -> dict[str, np.ndarray]:
-    """Pages -> tensors (or error rows). One page reader per batch: a PDF is opened (or fetched) once per batch."""
+    """Pages -> uint8 views and tiles (or error rows), read by this process's page reader (`_Readers`)."""
     _pillow_limit(work)
     items = _unpack(batch)
-    reader = work.page_reader()
-    try:
-        for item in items:
-            if item.kind != "page":
-                continue
-            prepared = work.prepare(reader, item.document, item.index)
-            if isinstance(prepared, PageFailure):
-                item.row = work.error_row(item.document, item.index, prepared.error, prepared.seconds)
-            else:
-                item.page = prepared
-    finally:
-        reader.close()
+    for item in items:
+        if item.kind != "page":
+            continue
+        prepared = _READERS.read(work, item.document, item.index)
+        if isinstance(prepared, PageFailure):
+            item.row = work.error_row(item.document, item.index, prepared.error, prepared.seconds)
+        else:
+            item.page = prepared
     return _pack(items)
 
 
@@ -161,10 +181,13 @@ class _Tower:
 def _write(batch: dict[str, np.ndarray], folder: writer.Folder) -> dict[str, np.ndarray]:
     """Finished pages -> parts in the output folder; the items go on without their tensors."""
     items = _unpack(batch)
-    for item in items:
+    by_document: dict[str, list] = {}
+    for item in items:  # one part file per document of the batch (a retried task rewrites the same file whole)
         if item.tensor is not None:
-            writer.write_part(folder, item.document.name, item.row["key"], item.tensor, item.row)
+            by_document.setdefault(item.document.name, []).append((item.row["key"], item.tensor, item.row))
             item.tensor = None
+    for name, pages in by_document.items():
+        writer.write_pages(folder, name, pages)
     return _pack(items)
 
 
