@@ -50,3 +50,42 @@ def test_kill_then_resume(tmp_path):
     assert set(stored) == set(pages)
     for key, tensor in stored.items():
         assert torch.equal(tensor, expected[key])
+
+
+def test_kill_between_a_part_and_its_rows_then_resume(tmp_path, monkeypatch):
+    """Killed in the writer after a batch's part file is written and before its rows are appended: the resumed run
+    restores those rows from the part's metadata and encodes every other page, each exactly once."""
+    make_documents(tmp_path / "in")
+    weights = tiny_weights(tmp_path / "tiny")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "in"), "--weights", str(weights), "--out", str(out), "--batch-size", "2", *CLI_SIZE]
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    (gate / "go-1").touch()
+    (gate / "go-part-1").touch()  # past the first part; stopped after writing the second, before its rows
+    monkeypatch.setenv("DEEPENCODER_GATE_PARTS", "1")
+    process = gated_cli(gate, args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (gate / "part-2").exists(), process, "the second part file")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    killed_rows = read_rows(out / "manifest.jsonl")
+    parts = [p for p in (out / ".parts").rglob("*.safetensors") if ".tmp-" not in p.name]
+    on_disk = {(p.parent.relative_to(out / ".parts").as_posix(), int(k.split(".")[1])) for p in parts
+               for k in load_file(str(p))} | {(p.name.removesuffix(".safetensors"), int(k.split(".")[1]))
+                                             for p in out.glob("*.safetensors") for k in load_file(str(p))}  # fmt: skip
+    with_rows = {(r["document"], r["page"]) for r in killed_rows if r["status"] == "ok"}
+    assert with_rows < on_disk  # the second batch's pages are on disk without their rows
+
+    monkeypatch.delenv("DEEPENCODER_GATE_PARTS")
+    finished = cli(args)
+    assert finished.returncode == 0, finished.stderr
+    rows = read_rows(out / "manifest.jsonl")
+    assert rows[: len(killed_rows)] == killed_rows
+    pages = Counter((row["document"], row["page"]) for row in rows if row["status"] == "ok")
+    assert len(pages) == 7 and set(pages.values()) == {1}
+    assert not list(out.rglob("*.tmp-*")) and not any(p.is_file() for p in (out / ".parts").rglob("*"))
+    stored = {(p.name.removesuffix(".safetensors"), int(k.split(".")[1])) for p in out.glob("*.safetensors")
+              for k in load_file(str(p))}  # fmt: skip
+    assert stored == set(pages)
