@@ -99,6 +99,24 @@ def test_cpu_staging_fills_the_batch_tensor_in_place(tmp_path):
     assert torch.equal(mixed, work.processor.normalize(torch.stack([p.pixel_values for p in pages[1:]])))
 
 
+def test_cpu_staging_reuses_a_batch_tensor_only_once_released(tmp_path):
+    make_pdf(tmp_path / "a.pdf", 6)
+    work = PageWork(processor(), runner.EncodeOptions(batch_size=2))
+    document = runner.discover([str(tmp_path / "a.pdf")])[0]
+    reader = work.page_reader()
+    pages = [work.prepare(reader, document, i) for i in range(6)]
+    reader.close()
+    stage = work.stager(torch.device("cpu"), torch.float32)
+    first = [stage(page) for page in pages[:2]]
+    second = [stage(page) for page in pages[2:4]]  # the first batch is not released: a new batch tensor
+    assert second[0].pixel_values.data_ptr() != first[0].pixel_values.data_ptr()
+    stage.release(first)
+    third = [stage(page) for page in pages[4:]]  # reuses the first one's memory
+    assert third[0].pixel_values.data_ptr() == first[0].pixel_values.data_ptr()
+    for staged, page in zip(second + third, pages[2:]):
+        assert torch.equal(staged.pixel_values, work.processor.normalize(page.pixel_values))
+
+
 # ---------------------------------------------------------------------------------------------- worker processes
 class CrashingWork(PageWork):
     """Page preparation that kills its worker process on page 1 of every document: once (the marker file records

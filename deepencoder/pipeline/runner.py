@@ -482,27 +482,53 @@ def _consecutive(views: list[torch.Tensor]) -> torch.Tensor | None:
 
 class _CpuStager:
     """Pages normalised on the CPU in the feeding thread, while the loop runs the previous batch: global views
-    straight into slots of a batch tensor (`batch_limit` of them, the next one allocated when it is full or the
-    view size changes), so the loop's `upload` takes consecutive slots as the batch without copying; tiles on their
-    own. Bit-identical to normalising in `upload`."""
+    straight into slots of a batch tensor (`batch_limit` of them, the next one taken when it is full or the view
+    size changes), so the loop's `upload` takes consecutive slots as the batch without copying; tiles on their own.
+    Bit-identical to normalising in `upload`. A batch tensor whose pages the loop has all finished (`release`) is
+    used again (memory already touched: no page faults), else a new one is allocated (the feeder never waits)."""
 
     def __init__(self, work: PageWork, dtype: torch.dtype) -> None:
         self.work, self.dtype = work, dtype
-        self.slab: torch.Tensor | None = None
-        self.used = 0
+        self.slab: list | None = None  # [tensor, pages staged, pages released]
+        self.owner: dict[int, list] = {}  # id(staged page) -> its slab entry
+        self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()
 
     def __call__(self, page: PageInput | PageFailure) -> PageInput | PageFailure:
         if not isinstance(page, PageInput):
             return page
         normalize = self.work.processor.normalize
-        shape = tuple(page.pixel_values.shape)
-        if self.slab is None or self.used == len(self.slab) or tuple(self.slab.shape[1:]) != shape:
-            self.slab = torch.empty((self.work.batch_limit, *shape), dtype=self.dtype)
-            self.used = 0
-        view = normalize(page.pixel_values, out=self.slab[self.used])
-        self.used += 1
+        shape = (self.work.batch_limit, *page.pixel_values.shape)
+        with self.lock:
+            slab = self.slab
+            if slab is None or slab[1] == len(slab[0]) or tuple(slab[0].shape) != shape:
+                reuse = [i for i, t in enumerate(self.free) if tuple(t.shape) == shape]
+                tensor = self.free.pop(reuse[0]) if reuse else torch.empty(shape, dtype=self.dtype)
+                self._retire(slab)
+                slab = self.slab = [tensor, 0, 0]
+            index = slab[1]
+            slab[1] += 1
+        view = normalize(page.pixel_values, out=slab[0][index])
         tiles = None if page.tiles is None else normalize(page.tiles, self.dtype)
-        return replace(page, pixel_values=view, tiles=tiles)
+        staged = replace(page, pixel_values=view, tiles=tiles)
+        with self.lock:
+            self.owner[id(staged)] = slab
+        return staged
+
+    def release(self, pages: list[PageInput]) -> None:
+        """The loop is done with these pages (their batch is finished): their slots may be written again."""
+        with self.lock:
+            for page in pages:
+                slab = self.owner.pop(id(page), None)
+                if slab is not None:
+                    slab[2] += 1
+                    if slab is not self.slab:
+                        self._retire(slab)
+
+    def _retire(self, slab: list | None) -> None:
+        """A slab no longer filled: free once every page staged into it is released."""
+        if slab is not None and slab[2] == slab[1] and len(self.free) < 4:
+            self.free.append(slab[0])
 
 
 class DeviceFailed(RuntimeError):
@@ -624,6 +650,8 @@ class _Encoder:
         self.ok_rows: set[tuple[str, str]] = set()
         self.crashes: list[str] = []
         self.pending: tuple[list[PageInput], Callable[[], list[tuple]]] | None = None  # queued, not finished
+        parameter = next(model.parameters())
+        self.stager = work.stager(parameter.device, parameter.dtype)
 
     # ------------------------------------------------------------------ producer side (feeder thread)
     def _feed(self, documents: list[Document], items: queue.Queue, stop: threading.Event) -> None:
@@ -637,8 +665,7 @@ class _Encoder:
                     yield PageTask(document, index)
 
         producer = None
-        parameter = next(self.model.parameters())
-        stager = self.work.stager(parameter.device, parameter.dtype) or (lambda page: page)
+        stager = self.stager or (lambda page: page)
         try:
             if self.reader is not None:
                 for task in tasks():
@@ -733,6 +760,8 @@ class _Encoder:
         batch, finish = self.pending
         self.pending = None
         out.put("batch", finish())
+        if self.stager is not None:
+            self.stager.release(batch)
         for item in batch:
             self._finish_page(item.document, out)
         if self.options.sleep_per_batch:
