@@ -62,6 +62,37 @@ def test_blocked_mask_at_every_block_shape(elements, inference):
     assert rel_err(actual, expected) < TOL
 
 
+# half precision on the CPU: the biased logits are rounded once to the half type (the only rounding the fp32 reference
+# lacks besides the output's); logits up to ~10 here, so bf16's 8-bit mantissa moves a probability by up to ~3%
+HALF_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("elements", [1, 2 * 35 * 4, None])
+def test_half_precision_cpu_mask_kernel_equals_the_formula(dtype, elements):
+    """The CPU's half-precision blocks (one baddbmm onto the mask, softmax on half logits) against the eager formula
+    in float64 on the same half-precision inputs, and its gradients against float64 autograd."""
+    q, k, v, rel_pos_h, rel_pos_w, size = _attention_inputs()
+    inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    rel_h, rel_w = (t.detach().to(dtype).requires_grad_() for t in decomposed_rel_pos(q, rel_pos_h, rel_pos_w, *size))
+    inputs += [rel_h, rel_w]
+    reference = [t.detach().double().requires_grad_() for t in inputs]
+    scale = q.shape[-1] ** -0.5
+    actual = attention.masked_rel_pos_attention(*inputs, scale=scale, mask_block_elements=elements)
+    expected = attention.eager_rel_pos_attention(*reference, scale=scale)
+    assert actual.dtype == dtype
+    assert rel_err(actual.double(), expected) < HALF_TOL[dtype]
+    with torch.inference_mode():
+        assert torch.equal(
+            attention.masked_rel_pos_attention(*inputs, scale=scale, mask_block_elements=elements), actual
+        )
+    upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    actual.backward(upstream.to(dtype))
+    expected.backward(upstream)
+    for name, half, exact in zip(("q", "k", "v", "rel_h", "rel_w"), inputs, reference):
+        assert rel_err(half.grad.double(), exact.grad) < 2 * HALF_TOL[dtype], name
+
+
 def test_folded_kernel_runs_a_fused_sdpa_kernel():
     q, k, v, rel_pos_h, rel_pos_w, size = _attention_inputs()
     rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, *size)
