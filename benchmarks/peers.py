@@ -173,6 +173,7 @@ PATHS: dict[str, tuple[Callable[..., Encode], str]] = {
     "ours": (_ours, "deepencoder, default config (SDPA)"),
     "ours-folded": (partial(_ours, rel_pos="folded"), "deepencoder, SDPA, rel-pos folded into q/k"),
     "ours-mask": (partial(_ours, rel_pos="mask"), "deepencoder, SDPA, rel-pos as blocked additive mask"),
+    "ours-flex": (partial(_ours, rel_pos="flex"), "deepencoder, SDPA, rel-pos inside FlexAttention (score_mod)"),
     "ours-eager": (partial(_ours, attn="eager"), "deepencoder, eager attention (plain reference path)"),
     "ours-compile": (partial(_ours, compile=True), "deepencoder, default config + model.compile()"),
     "transformers": (_transformers, "transformers UnlimitedOcrVisionModel (SDPA) + Linear projector"),

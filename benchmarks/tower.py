@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from deepencoder import DeepEncoderConfig, DeepEncoderModel, runtime
-from deepencoder.attention import DEFAULT_REL_POS_KERNEL
+from deepencoder.attention import default_rel_pos_kernel
 from deepencoder.layout import count_tokens
 
 RESULTS = Path(__file__).parent / "results"
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     config = DeepEncoderConfig()
-    default_rel_pos = DEFAULT_REL_POS_KERNEL.get(args.device.split(":")[0], "mask")
+    default_rel_pos = default_rel_pos_kernel(args.device.split(":")[0], 4096)
     quick_skip = ("ours-folded",) if args.quick else ()  # an option, not the default: full runs only
     names = args.paths.split(",") if args.paths else [p for p in PATHS if p not in ("ours-compile", *quick_skip)]
     names = [p for p in names if p != f"ours-{default_rel_pos}"]  # the same as "ours"

@@ -83,7 +83,7 @@ class SamAttention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
         # rel-pos attention kernel pinned at run time (`DeepEncoderModel.set_attention_kernel`); None: the device's
-        # default (`deepencoder.attention.DEFAULT_REL_POS_KERNEL`). Not architecture: never saved in the config.
+        # default (`deepencoder.attention.DEFAULT_REL_POS_KERNELS`). Not architecture: never saved in the config.
         self.kernel: str | None = None
 
     def forward(self, hidden_states: torch.Tensor, window_size: int = 0) -> torch.Tensor:

@@ -15,7 +15,7 @@ from deepencoder import DeepEncoderModel, attention
 from deepencoder.modeling_sam import decomposed_rel_pos, window_partition, window_unpartition
 
 TOL = 1e-5
-KERNELS = ["eager", "mask", "folded"]
+KERNELS = ["eager", "mask", "folded", "flex"]
 
 
 def _attention_inputs(batch=2, heads=3, height=5, width=7, head_dim=16):
@@ -45,6 +45,47 @@ def test_rel_pos_kernels_equal_segment_anything(kernel, inference):
         actual = attention.rel_pos_attention(q, k, v, rel_h, rel_w, scale=q.shape[-1] ** -0.5, kernel=kernel)
     assert actual.shape == expected.shape
     assert rel_err(actual, expected) < TOL
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_rel_pos_kernel_gradients_equal_segment_anything(kernel):
+    """Autograd through every kernel (flex on the CPU: its fallback, FlexAttention has no CPU backward), gradients of
+    q, k, v and the two rel-pos tables against segment-anything's formula."""
+    q, k, v, rel_pos_h, rel_pos_w, size = _attention_inputs()
+    leaves = [t.requires_grad_() for t in (q, k, v, rel_pos_h, rel_pos_w)]
+    theirs = [t.detach().clone().requires_grad_() for t in leaves]
+    upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+    rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, *size)
+    actual = attention.rel_pos_attention(q, k, v, rel_h, rel_w, scale=q.shape[-1] ** -0.5, kernel=kernel)
+    (actual * upstream).sum().backward()
+    (_segment_anything_attention(*theirs, size) * upstream).sum().backward()
+    for name, ours, reference in zip(("q", "k", "v", "rel_pos_h", "rel_pos_w"), leaves, theirs):
+        assert rel_err(ours.grad, reference.grad) < TOL, name
+
+
+def test_flex_kernel_exports_through_its_fallback():
+    """torch.export sees the `mask` kernel's graph (FlexAttention's compiled kernel is not exportable) and the
+    exported program equals segment-anything's formula."""
+    q, k, v, rel_pos_h, rel_pos_w, size = _attention_inputs()
+    rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, *size)
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, rel_h, rel_w):
+            return attention.rel_pos_attention(q, k, v, rel_h, rel_w, scale=q.shape[-1] ** -0.5, kernel="flex")
+
+    program = torch.export.export(Attend(), (q, k, v, rel_h, rel_w))
+    assert not [node for node in program.graph.nodes if "flex" in str(node.target)]
+    expected = _segment_anything_attention(q, k, v, rel_pos_h, rel_pos_w, size)
+    assert rel_err(program.module()(q, k, v, rel_h, rel_w), expected) < TOL
+
+
+def test_every_default_kernel_is_registered():
+    for device, regimes in attention.DEFAULT_REL_POS_KERNELS.items():
+        assert [start for start, _ in regimes] == sorted({start for start, _ in regimes}), device
+        assert regimes[0][0] == 0, device  # every call size has a default
+        for start, name in regimes:
+            assert name in attention.REL_POS_KERNELS, (device, name)
+            assert attention.default_rel_pos_kernel(device, start) == name
 
 
 # per block of (heads x rows), 3 heads x 35 rows in all: 1 x 1, 1 x 4 (ragged rows), 2 x 35 (ragged heads), all
@@ -161,7 +202,7 @@ def test_forward_with_tiles_equals_encode_views():
     assert rel_err(out.global_embeds, single_pages) < TOL
 
 
-@pytest.mark.parametrize("kernel", ["mask", "folded"])
+@pytest.mark.parametrize("kernel", ["mask", "folded", "flex"])
 def test_compile_has_no_graph_breaks_and_matches(kernel):
     model = random_model()
     model.set_attention_kernel(kernel)
