@@ -1,4 +1,5 @@
-"""Loading shared by both towers' model classes (`DeepEncoderModel`, `DeepEncoderV2Model`).
+"""Loading shared by both towers' model classes (`DeepEncoderModel`, `DeepEncoderV2Model`), and the cache of
+position tables their stages derive from parameters per input size (`cached_positions`).
 
 - `from_pretrained`: transformers' own for this library's checkpoints; any other checkpoint holding the tower
   (DeepSeek-OCR / DeepSeek-OCR-2 releases, transformers' `UnlimitedOcr*` / `DeepseekOcr2*` `save_pretrained` in
@@ -15,9 +16,11 @@ own and the converting loaders say that they need the package.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 # name -> loader, registered by the conversion layer:
@@ -71,3 +74,39 @@ class TowerLoadingMixin:
         It runs on this library's processor and saves as an ordinary DeepEncoder checkpoint. To make the
         transformers model itself run on this tower, see `deepencoder.integrations.attach`."""
         return checkpoint_loader("transformers")(cls, model)
+
+
+# ------------------------------------------------------------------------------------------------ position tables
+POSITION_CACHE_SIZE = 8  # entries per module: input sizes x dtypes x devices in recent use
+
+
+def cached_positions(
+    module: nn.Module, key: tuple, sources: tuple[torch.Tensor, ...], compute: Callable[[], Any]
+) -> Any:
+    """`compute()`, a position table derived from `sources` (a resized position embedding, a rel-pos table gathered
+    for a grid size, RoPE tables) for the input size in `key`, kept on `module` and reused while nothing records an
+    autograd graph.
+
+    An entry is keyed by `key`, inference mode, and each source's storage, dtype, device and version counter, so
+    `model.to(...)`, loading weights and any in-place update (an optimizer step) make the next call recompute. With
+    autograd recording, under torch.compile / export (the graph holds the computation) and under jit tracing the
+    table is computed afresh and not kept, as it is for weights created under inference mode (no version counter).
+    The cache is not state: never saved, at most `POSITION_CACHE_SIZE` entries per module, least recently used
+    dropped first. (The version counter, `Tensor._version`, is the one way PyTorch exposes in-place writes; autograd
+    relies on the same counter.)
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return compute()
+    if any(t.is_inference() for t in sources):  # weights made under inference mode have no version counter
+        return compute()
+    stamp = tuple((t.untyped_storage().data_ptr(), t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    full_key = (key, torch.is_inference_mode_enabled(), stamp)
+    cache: OrderedDict = module.__dict__.setdefault("_position_cache", OrderedDict())
+    if full_key in cache:
+        cache.move_to_end(full_key)
+        return cache[full_key]
+    value = compute()
+    cache[full_key] = value
+    while len(cache) > POSITION_CACHE_SIZE:
+        cache.popitem(last=False)
+    return value

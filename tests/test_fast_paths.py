@@ -307,3 +307,32 @@ def test_kernel_choice_is_not_saved(tmp_path):
     assert all(m.kernel is None for m in loaded.modules() if hasattr(m, "kernel"))
     with pytest.raises(ValueError, match="unknown rel-pos kernel"):
         loaded.set_attention_kernel("flash-but-not-registered")
+
+
+def test_position_tables_cached_per_size_and_refreshed_after_updates():
+    """Inference reuses the resized/gathered position tables of a size; an in-place parameter update (an optimizer
+    step), new weights or autograd recording make them be computed again, so outputs always match the parameters."""
+    model = random_model()
+    sam_attention = model.sam.blocks[1].attn  # a global block: its tables are resized to the grid
+    pixels = torch.randn(1, 3, 320, 256)
+    with torch.inference_mode():
+        first = model.sam.position_embedding(20, 16)
+        assert model.sam.position_embedding(20, 16) is first
+        assert sam_attention.rel_pos_tables(20, 16)[0] is sam_attention.rel_pos_tables(20, 16)[0]
+        assert model.sam.position_embedding(24, 16) is not first
+        cached = model.encode_views(pixels).image_embeds
+    with torch.no_grad():
+        model.sam.pos_embed.mul_(-1)
+        sam_attention.rel_pos_h.add_(0.5)
+        model.clip.embeddings.position_embedding.weight.mul_(2)
+        updated = model.encode_views(pixels).image_embeds
+    with torch.enable_grad():  # computes every table afresh
+        expected = model.encode_views(pixels).image_embeds.detach()
+        assert model.sam.position_embedding(20, 16).requires_grad  # part of the graph, not a cached table
+    assert rel_err(cached, expected) > 1e-2  # the updates change the output...
+    assert rel_err(updated, expected) < 1e-6  # ...and the cached path sees them
+    model.load_state_dict(random_model(seed=1).state_dict())
+    with torch.inference_mode():
+        reloaded = model.encode_views(pixels).image_embeds
+    with torch.enable_grad():
+        assert rel_err(reloaded, model.encode_views(pixels).image_embeds.detach()) < 1e-6
