@@ -28,7 +28,7 @@ from .configuration_deepencoder_v2 import DeepEncoderV2Config, DeepEncoderV2Enco
 from .freezing import FreezeTargets, FreezingMixin
 from .layout import group_views_by_size, layout_query_page, tile_counts
 from .modeling_sam import DeepEncoderSamModel, SamAttention
-from .modeling_utils import TowerLoadingMixin, cached_positions, checkpoint_loader
+from .modeling_utils import CompileMixin, TowerLoadingMixin, cached_positions, checkpoint_loader
 
 
 @dataclass
@@ -290,7 +290,7 @@ class DeepEncoderV2PreTrainedModel(FreezingMixin, PreTrainedModel):
             init.normal_(module.view_separator, std=1 / math.sqrt(self.config.projector_dim))
 
 
-class DeepEncoderV2Model(TowerLoadingMixin, DeepEncoderV2PreTrainedModel):
+class DeepEncoderV2Model(CompileMixin, TowerLoadingMixin, DeepEncoderV2PreTrainedModel):
     """The DeepSeek-OCR-2 vision tower.
 
     `forward(pixel_values, pixel_values_tiles=None, tile_grids=None)` takes the processor's output (mode `ocr2` or

@@ -1,5 +1,6 @@
 """Loading shared by both towers' model classes (`DeepEncoderModel`, `DeepEncoderV2Model`), and the cache of
-position tables their stages derive from parameters per input size (`cached_positions`).
+position tables their stages derive from parameters per input size (`cached_positions`), and `model.compile()`
+(`CompileMixin`).
 
 - `from_pretrained`: transformers' own for this library's checkpoints; any other checkpoint holding the tower
   (DeepSeek-OCR / DeepSeek-OCR-2 releases, transformers' `UnlimitedOcr*` / `DeepseekOcr2*` `save_pretrained` in
@@ -16,8 +17,10 @@ own and the converting loaders say that they need the package.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -110,3 +113,84 @@ def cached_positions(
     while len(cache) > POSITION_CACHE_SIZE:
         cache.popitem(last=False)
     return value
+
+
+# ------------------------------------------------------------------------------------------------ compiled shapes
+COMPILE_CACHE_ENV = "DEEPENCODER_COMPILE_CACHE"
+# torch.compile mode per device type (others: inductor's default). CUDA: GEMM autotuning without CUDA graphs,
+# unmeasured against `reduce-overhead` (no GPU was available; `python -m benchmarks.tower --device cuda` times
+# both). `reduce-overhead` replays CUDA graphs whose outputs live in a static pool that the next call overwrites, so
+# a caller that keeps a batch's output past the next batch (the encode pipeline's writer does) has to clone it:
+# pass mode="reduce-overhead" only where outputs are consumed before the next call
+DEFAULT_COMPILE_MODES: dict[str, str] = {"cuda": "max-autotune-no-cudagraphs"}
+
+
+class CompileMixin:
+    """`model.compile()` / `model.uncompile()` for a tower whose compute is `encode_views` (same-size views ->
+    tokens); `forward`'s batching and layout stay Python and call the compiled `encode_views`."""
+
+    def compile(
+        self,
+        mode: str | None = None,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        dynamic: bool | None = False,
+        **options: Any,
+    ) -> None:
+        """torch.compile `encode_views` in place: one graph per view size and batch size (`dynamic=False`, the
+        fixed shapes a pipeline feeds; the first call of a shape compiles, later ones run the graph). `mode`:
+        torch.compile's (default `DEFAULT_COMPILE_MODES` for the parameters' device); further keywords (`backend`,
+        `fullgraph`, `options`) go to torch.compile.
+
+        Compile cache between runs: with `cache_dir` (default `$DEEPENCODER_COMPILE_CACHE`, else none) the process's
+        inductor and Triton caches live under it, so a second run on this machine loads the compiled kernels instead
+        of building them (seconds instead of minutes), and after each new shape the portable cache artifacts
+        (`torch.compiler.save_cache_artifacts`, autotuning results included) are written to
+        `cache_dir/torch-<version>-<device>.bin` and loaded by `compile()` on another machine sharing the folder.
+        Without it PyTorch's default local cache (under the temp directory) still applies.
+        """
+        self.uncompile()
+        device = next(self.parameters()).device.type
+        mode = mode if mode is not None else DEFAULT_COMPILE_MODES.get(device)
+        cache_dir = cache_dir if cache_dir is not None else os.environ.get(COMPILE_CACHE_ENV) or None
+        artifacts = None
+        if cache_dir is not None:
+            cache_dir = Path(cache_dir).expanduser()
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")  # read at each compile
+            os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
+            artifacts = cache_dir / f"torch-{torch.__version__.replace('+', '-')}-{device}.bin"
+            if artifacts.exists():
+                torch.compiler.load_cache_artifacts(artifacts.read_bytes())
+        compiled = torch.compile(type(self).encode_views.__get__(self), mode=mode, dynamic=dynamic, **options)
+        seen: set = set()
+
+        def encode_views(pixel_values, *args, **kwargs):
+            out = compiled(pixel_values, *args, **kwargs)
+            signature = (
+                tuple(pixel_values.shape),
+                pixel_values.dtype,
+                pixel_values.device,
+                args,
+                tuple(kwargs.items()),
+            )
+            if artifacts is not None and signature not in seen:
+                seen.add(signature)
+                _save_cache_artifacts(artifacts)
+            return out
+
+        encode_views.__doc__ = type(self).encode_views.__doc__
+        self.__dict__["encode_views"] = encode_views  # shadows the method until `uncompile()`
+
+    def uncompile(self) -> None:
+        """Back to the eager `encode_views` (compiled graphs stay in torch's caches)."""
+        self.__dict__.pop("encode_views", None)
+
+
+def _save_cache_artifacts(path: Path) -> None:
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:  # nothing cacheable compiled (e.g. an eager backend)
+        return
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(saved[0])
+    temporary.replace(path)

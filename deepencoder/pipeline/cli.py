@@ -64,6 +64,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--compute-dtype", default="float32", choices=DTYPE_NAMES, help="dtype the tower runs in")
     parser.add_argument("--device", default="auto", help="auto (GPU of LOCAL_RANK if any, else CPU), cpu, cuda:0 ...")
     parser.add_argument("--batch-size", type=int, default=8, help="pages per forward pass")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the tower per batch shape (model.compile(); compile "
+        "cache in $DEEPENCODER_COMPILE_CACHE when set, so later runs start in seconds)"
+    )  # fmt: skip
     parser.add_argument("--workers", type=int, default=2, help="threads decoding / rendering pages")
     parser.add_argument("--prefetch", type=int, help="pages prepared ahead of the model (default 2*batch+workers)")
     parser.add_argument("--pages", help="0-based page ranges of multi-page documents, e.g. 0-2,5,9-")
@@ -260,6 +264,8 @@ def run_encode(args: argparse.Namespace) -> int:
             say(f"weights: {description}")
         device = _device(args.device, local_rank)
         model = model.to(device=device, dtype=parse_dtype(args.compute_dtype))
+        if args.compile:
+            model.compile()
         try:
             processor = _processor(args, tower_name(model) == DeepEncoderV2Config.model_type)
         except ValueError as error:
