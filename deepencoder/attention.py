@@ -50,10 +50,12 @@ MASK_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 2**25}
 MASK_BLOCK_ROWS: dict[str, int] = {"cpu": 1024}
 DEFAULT_MASK_BLOCK_ELEMENTS = 2**28
 # fp16/bf16 on the CPU (`half_precision_cpu_attention`): smaller blocks, whose logits stay in cache between the
-# matmul, the softmax and the value product: 2**21 entries (4 MB), a global block of a 1024 px page as 12 x 8
-# launches of 1 head x 512 rows. A bf16 Base page on 1 thread of an AVX512-BF16 EPYC: 3.46 s at 2**21, 3.56 s at
-# 2**20, 3.75 s at 2**18, ~3.8 s at 2**22, 4.2-4.4 s for the eager formula at the fp32 block shape (interleaved runs)
-HALF_MASK_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 2**21}
+# matmul, the softmax and the value product: 2**22 entries (8 MB), a global block of a 1024 px page as 12 x 4
+# launches of 1 head x 1024 rows. A bf16 Base page, interleaved runs on an AVX512-BF16 EPYC under glibc-tuned:
+# 2 threads 1.91 s at 2**22, 2.05 s at 2**21, 1.96 s at 2**23, 2.17 s for the eager formula at the fp32 block shape;
+# 1 thread 3.46 s at 2**21, ~3.6-3.8 s at 2**22 and 2**20, 4.2-4.4 s eager. Fewer, larger launches also suffer less
+# on an oversubscribed machine, where each launch's thread rendezvous can wait for a time slice
+HALF_MASK_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 2**22}
 # the default rel-pos kernel per device type and regime: (from this many query tokens per call, i.e. batch x tokens
 # per view or window, kernel), ascending. CPU: `mask` at every size (`benchmarks/tower.py`: fastest in fp32 and, with
 # the half-precision blocks, in bf16; `folded` triples the q.k and p.v work, FlexAttention's compiled CPU kernel
