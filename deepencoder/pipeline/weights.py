@@ -94,11 +94,9 @@ def load_model(
         try:
             model, _ = load_tower(weights, family=None, hub=hub)
         except CheckpointError as error:
-            message = str(error)
-            if "pass its local directory" not in message:
-                message += (
-                    "; pass --weights with a local DeepSeek-OCR directory, a `deepencoder convert` output, or `random`"
-                )
+            message = (
+                f"{error}; pass --weights with a local DeepSeek-OCR directory, a `deepencoder convert` output, or `random`"
+            )
             raise WeightsError(message) from error
         description = f"converted checkpoint {weights} (vision tensors only)"
     if dtype is not None:
