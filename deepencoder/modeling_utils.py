@@ -16,9 +16,10 @@ own and the converting loaders say that they need the package.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 # name -> loader, registered by the conversion layer:
 #   "pretrained": (model_class, path_or_repo_id, model_args, kwargs) -> model, or None for a checkpoint of this
