@@ -21,10 +21,11 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # name -> loader, registered by the conversion layer:
 #   "pretrained": (model_class, path_or_repo_id, model_args, kwargs) -> model, or None for a checkpoint of this
@@ -98,6 +99,8 @@ def cached_positions(
     dropped first. (The version counter, `Tensor._version`, is the one way PyTorch exposes in-place writes; autograd
     relies on the same counter.)
     """
+    import torch  # on first use: this module is imported at start-up, before torch is needed
+
     if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return compute()
     if any(t.is_inference() for t in sources):  # weights made under inference mode have no version counter
@@ -149,6 +152,8 @@ class CompileMixin:
         `cache_dir/torch-<version>-<device>.bin` and loaded by `compile()` on another machine sharing the folder.
         Without it PyTorch's default local cache (under the temp directory) still applies.
         """
+        import torch
+
         self.uncompile()
         device = next(self.parameters()).device.type
         mode = mode if mode is not None else DEFAULT_COMPILE_MODES.get(device)
@@ -188,6 +193,8 @@ class CompileMixin:
 
 
 def _save_cache_artifacts(path: Path) -> None:
+    import torch
+
     saved = torch.compiler.save_cache_artifacts()
     if saved is None:  # nothing cacheable compiled (e.g. an eager backend)
         return

@@ -109,7 +109,7 @@ HALF_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("elements", [1, 2 * 35 * 4, None])
+@pytest.mark.parametrize("elements", [2 * 35 * 4, 2 * 35 * 35 * 2, None])  # ragged rows, ragged heads, one block
 def test_half_precision_cpu_mask_kernel_equals_the_formula(dtype, elements):
     """The CPU's half-precision blocks (one baddbmm onto the mask, softmax on half logits) against the eager formula
     in float64 on the same half-precision inputs, and its gradients against float64 autograd."""

@@ -21,6 +21,7 @@ from ..image_processing_auto_mode import ModeChoice
 from ..image_processing_deepencoder import AUTO, DeepEncoderImageProcessor, PagePlan
 from . import writer
 from .auto_mode import AutoModeReader, AutoModeSummary, concrete_mode
+from .names import FEATURES
 from .sources import (
     Document,
     PageError,
@@ -32,8 +33,6 @@ from .sources import (
     parse_page_ranges,
     select_pages,
 )
-
-FEATURES = ("projected", "pre-projector")
 
 
 @dataclass
