@@ -31,6 +31,25 @@ def test_compiled_tower_equals_eager_and_uncompiles(tmp_path, monkeypatch):
     assert "encode_views" not in model.state_dict() and not any("compile" in k for k in model.state_dict())
 
 
+def test_compiled_v2_tower_equals_eager():
+    """DeepEncoder V2's `encode_views` compiled the same way (one 768 px tile shape: 144 queries)."""
+    from fixtures.v2_support import tiny_config_kwargs
+    from helpers import randomize_
+
+    from deepencoder import DeepEncoderV2Config, DeepEncoderV2Model
+
+    model = randomize_(DeepEncoderV2Model(DeepEncoderV2Config(**tiny_config_kwargs())), 0).eval()
+    views = torch.randn(2, 3, 768, 768, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected = model.encode_views(views).image_embeds
+    torch._dynamo.reset()
+    model.compile(backend="aot_eager", fullgraph=True)
+    with torch.inference_mode():
+        actual = model.encode_views(views).image_embeds
+    model.uncompile()
+    assert rel_err(actual, expected) < TOL
+
+
 class _Views(CompileMixin, nn.Module):
     """The smallest module with a tower's `encode_views`, so inductor compiles in seconds."""
 
