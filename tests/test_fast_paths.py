@@ -1,8 +1,10 @@
 """Every attention kernel and fast path of the tower against an independent plain path, on tiny configs (fp32,
-relative error <= 1e-5 unless stated): each rel-pos kernel against segment-anything's `add_decomposed_rel_pos`
-+ softmax, the blocked mask at ragged block sizes, the folded bias on a fused SDPA kernel, GQA attention against
-repeated heads, batching against one view at a time, torch.compile without graph breaks, and the invariants that
-hooks and autocast see the same model whatever mode runs."""
+relative error <= 1e-5 unless stated): each rel-pos kernel (eager, mask, folded, flex) against segment-anything's
+`add_decomposed_rel_pos` + softmax, values and gradients, the blocked mask at ragged block sizes, the CPU's
+half-precision mask blocks against the formula in float64, the folded bias on a fused SDPA kernel, flex through its
+export fallback, GQA attention against repeated heads, batching against one view at a time, torch.compile without
+graph breaks, the position-table cache, and the invariants that hooks and autocast see the same model whatever
+mode runs."""
 
 import json
 
