@@ -32,7 +32,7 @@ def _ours(state_dict, config: DeepEncoderConfig, device, dtype, *, attn="sdpa", 
     model = model.to(device=device, dtype=dtype).eval()
     model.set_attention_kernel(rel_pos)
     if compile:
-        model.compile()
+        model.compile(None if compile is True else compile)
 
     def encode(global_views, tiles):
         grids = None
@@ -168,13 +168,67 @@ def _segment_anything_clip(state_dict, config: DeepEncoderConfig, device, dtype)
     return encode
 
 
+DEEPSEEK_SRC_ENV = "DEEPENCODER_DEEPSEEK_SRC"
+
+
+def _deepseek(state_dict, config: DeepEncoderConfig, device, dtype) -> Encode:
+    """DeepSeek-OCR's own encoder (`build_sam_vit_b`, `build_clip_l` from its `sam_vary_sdpa.py` / `clip_sdpa.py`,
+    as in DeepSeek-OCR-vllm's `deepencoder/` folder) + a Linear projector, loaded from the directory in
+    `$DEEPENCODER_DEEPSEEK_SRC` (benchmarks/tower.py's `--deepseek-src`; never part of this repository). Its
+    parameter names are this tower's with `sam_model.` / `vision_model.` for `sam.` / `clip.`; CLIP's unused conv
+    patch embedding keeps its random init."""
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    source = Path(os.environ[DEEPSEEK_SRC_ENV]).expanduser()
+    folder = next((d for d in (source, source / "deepencoder") if (d / "sam_vary_sdpa.py").exists()), None)
+    if folder is None:
+        raise FileNotFoundError(f"no sam_vary_sdpa.py / clip_sdpa.py under {source} (or its deepencoder/ folder)")
+    modules = {}
+    for name in ("sam_vary_sdpa", "clip_sdpa"):  # under their own names: `deepencoder` is this library
+        spec = importlib.util.spec_from_file_location(f"deepseek_ocr_{name}", folder / f"{name}.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = modules[name]
+        spec.loader.exec_module(modules[name])
+    sam_model = modules["sam_vary_sdpa"].build_sam_vit_b()
+    vision_model = modules["clip_sdpa"].build_clip_l()
+    sam_model.load_state_dict({k[4:]: v for k, v in state_dict.items() if k.startswith("sam.")}, strict=True)
+    missing, unexpected = vision_model.load_state_dict(
+        {k[5:]: v for k, v in state_dict.items() if k.startswith("clip.")}, strict=False
+    )
+    if unexpected or set(missing) - {"embeddings.patch_embedding.weight", "embeddings.position_ids"}:
+        raise RuntimeError(f"unmapped weights: missing {missing}, unexpected {unexpected}")
+    modules = nn.ModuleList([sam_model, vision_model, _projector(state_dict, config)]).to(device=device, dtype=dtype)
+    projector = modules[2].eval()
+    sam_model.eval(), vision_model.eval()
+
+    def run(views):
+        sam_features = sam_model(views)  # (B, 1024, h, w)
+        clip_features = vision_model(views, sam_features)  # (B, 1 + h*w, 1024)
+        joined = torch.cat([clip_features[:, 1:], sam_features.flatten(2).permute(0, 2, 1)], dim=-1)
+        return projector(joined).flatten(0, 1)
+
+    def encode(global_views, tiles):
+        return torch.cat([run(global_views)] + ([run(tiles)] if tiles is not None else []))
+
+    return encode
+
+
 # name -> (builder, description); the first entry is this library's default path
 PATHS: dict[str, tuple[Callable[..., Encode], str]] = {
     "ours": (_ours, "deepencoder, default config (SDPA)"),
     "ours-folded": (partial(_ours, rel_pos="folded"), "deepencoder, SDPA, rel-pos folded into q/k"),
     "ours-mask": (partial(_ours, rel_pos="mask"), "deepencoder, SDPA, rel-pos as blocked additive mask"),
+    "ours-flex": (partial(_ours, rel_pos="flex"), "deepencoder, SDPA, rel-pos inside FlexAttention (score_mod)"),
     "ours-eager": (partial(_ours, attn="eager"), "deepencoder, eager attention (plain reference path)"),
-    "ours-compile": (partial(_ours, compile=True), "deepencoder, default config + model.compile()"),
+    "ours-compile": (partial(_ours, compile=True), "deepencoder, default config + model.compile() (device's mode)"),
+    "ours-compile-ro": (
+        partial(_ours, compile="reduce-overhead"),
+        "deepencoder, default config + model.compile('reduce-overhead')",
+    ),
+    "deepseek": (_deepseek, "DeepSeek-OCR's own sam_vary_sdpa + clip_sdpa (--deepseek-src) + Linear projector"),
     "transformers": (_transformers, "transformers UnlimitedOcrVisionModel (SDPA) + Linear projector"),
     "sam+clip": (_segment_anything_clip, "segment-anything ImageEncoderViT + convs -> transformers CLIPEncoder"),
 }

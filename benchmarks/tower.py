@@ -4,6 +4,14 @@ outputs compared on shared random weights.
 
     python -m benchmarks.tower --device cpu --dtype fp32 [--quick] [--paths ours,transformers] [--modes base]
         [--allocator tcmalloc] [--allocators glibc,glibc-tuned,tcmalloc,jemalloc]
+    python -m benchmarks.tower --device cuda --dtype bf16 [--deepseek-src DIR]
+
+On a GPU (`gpu_plan`) every path runs on Base at batch 1 and 32: each rel-pos kernel (`ours` = the device default,
+`ours-mask`, `ours-folded`, `ours-flex`), eager and compiled (`ours-compile`: the device's compile mode,
+`ours-compile-ro`: CUDA graphs), transformers' port and segment-anything + CLIP, and DeepSeek-OCR's own encoder from
+the directory `--deepseek-src` names (its `sam_vary_sdpa.py` / `clip_sdpa.py`; never committed here); then our
+default path on the other modes. GFLOP/s are counted on the formula (eager attention), the peak is a measured
+bf16/fp32 matmul, memory is `torch.cuda.max_memory_allocated`.
 
 Every (path, mode) runs in a fresh subprocess (batch sizes ascending), so the CPU peak RSS it reports is that
 configuration's own, and every subprocess runs under the same memory allocator (`--allocator`, default the fastest
@@ -32,7 +40,7 @@ from pathlib import Path
 import torch
 
 from deepencoder import DeepEncoderConfig, DeepEncoderModel, runtime
-from deepencoder.attention import DEFAULT_REL_POS_KERNEL
+from deepencoder.attention import DEFAULT_REL_POS_KERNELS, default_rel_pos_kernel
 from deepencoder.layout import count_tokens
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,10 +74,25 @@ PEERS = ("transformers", "sam+clip")
 HEADLINE = ("ours", "transformers")  # the issue's acceptance pair
 
 
-def plan(quick: bool, paths: list[str]) -> list[tuple[str, str, list[int]]]:
-    """(path, mode, batch sizes) to run. Full: every path, mode and batch 1 and 4. Quick (under 10 minutes on
-    2 cores): every path on tiny and base batch 1, our default path and transformers on small, only our default
-    path on base batch 4, large and gundam."""
+GPU_BATCHES = {"base": [1, 32], "tiny": [1, 64], "small": [1, 64], "large": [1, 16], "gundam": [1, 8]}
+
+
+def gpu_plan(paths: list[str]) -> list[tuple[str, str, list[int]]]:
+    """(path, mode, batch sizes) on a GPU: every path (every kernel, eager and compiled, and the peers) on Base at
+    batch 1 (latency) and 32 (throughput; 8 for the paths with unfused attention); our default path alone on the
+    other modes at batch 1 and a large batch.
+    About 8 minutes on an H200, most of it compiling (two modes x two shapes)."""
+    unfused = ("ours-eager", "sam+clip")  # materialise (B, heads, N, N) logits: 25 GB per global block at b32
+    runs = [(path, "base", [1, 8] if path in unfused else GPU_BATCHES["base"]) for path in paths]
+    return runs + [("ours", mode, GPU_BATCHES[mode]) for mode in MODES if mode != "base" and "ours" in paths]
+
+
+def plan(quick: bool, paths: list[str], device: str = "cpu") -> list[tuple[str, str, list[int]]]:
+    """(path, mode, batch sizes) to run. GPU: `gpu_plan`. Full: every path, mode and batch 1 and 4. Quick (under
+    10 minutes on 2 cores): every path on tiny and base batch 1, our default path and transformers on small, only
+    our default path on base batch 4, large and gundam."""
+    if device.startswith("cuda"):
+        return gpu_plan(paths)
     runs = []
     for mode in MODES:
         for path in paths:
@@ -259,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     best = next((name for name in ("tcmalloc", "glibc-tuned", "jemalloc") if name in installed), "glibc")
     parser.add_argument("--allocator", default=best, choices=runtime.ALLOCATORS, help="allocator of the tables")
     parser.add_argument("--allocators", default=",".join(installed), help="allocators of the interleaved headline rows")
+    parser.add_argument(
+        "--deepseek-src", default=None, help="directory of DeepSeek-OCR's sam_vary_sdpa.py/clip_sdpa.py"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -266,23 +292,31 @@ def main(argv: list[str] | None = None) -> int:
         interleaved_worker(spec) if spec.get("interleaved") else worker(spec)
         return 0
 
-    from benchmarks.peers import PATHS
+    from benchmarks.peers import DEEPSEEK_SRC_ENV, PATHS
 
     started = time.perf_counter()
     config = DeepEncoderConfig()
-    default_rel_pos = DEFAULT_REL_POS_KERNEL.get(args.device.split(":")[0], "mask")
-    quick_skip = ("ours-folded",) if args.quick else ()  # an option, not the default: full runs only
-    names = args.paths.split(",") if args.paths else [p for p in PATHS if p not in ("ours-compile", *quick_skip)]
-    names = [p for p in names if p != f"ours-{default_rel_pos}"]  # the same as "ours"
+    default_rel_pos = default_rel_pos_kernel(args.device.split(":")[0], 4096)
+    quick_skip = ("ours-folded", "ours-flex") if args.quick else ()  # options, not the default: full runs only
+    cpu_skip = () if args.device.startswith("cuda") else ("ours-compile", "ours-compile-ro")
+    if args.deepseek_src:
+        os.environ[DEEPSEEK_SRC_ENV] = str(Path(args.deepseek_src).expanduser().resolve())  # read by the workers
+    optional = (*cpu_skip, *quick_skip, *(() if args.deepseek_src else ("deepseek",)))
+    names = args.paths.split(",") if args.paths else [p for p in PATHS if p not in optional]
+    if len(DEFAULT_REL_POS_KERNELS.get(args.device.split(":")[0], ())) <= 1:  # one kernel at every size
+        names = [p for p in names if p != f"ours-{default_rel_pos}"]  # the same as "ours"
+    else:  # per call size (CUDA): "ours" switches kernels between batch 1 and 32, both kernels run too
+        default_rel_pos = DEFAULT_REL_POS_KERNELS[args.device.split(":")[0]]
     unknown = set(names) - set(PATHS)
     if unknown:
         parser.error(f"unknown paths {sorted(unknown)}; choose from {sorted(PATHS)}")
     modes = args.modes.split(",")
 
-    runs = [run for run in plan(args.quick, names) if run[1] in modes]
+    runs = [run for run in plan(args.quick, names, args.device) if run[1] in modes]
 
+    card = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None
     print(
-        f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} threads, "
+        f"torch {torch.__version__}, {card or platform.processor() or platform.machine()}, {args.threads} threads, "
         f"device {args.device}, {args.dtype}; default rel-pos kernel {default_rel_pos!r}; tables under "
         f"{args.allocator}, headline rows under {args.allocators}",
         flush=True,
@@ -365,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"tower-{args.device.split(':')[0]}-{args.dtype}" + ("-quick" if args.quick else "")
     meta = {
-        "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+        "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(), "card": card,
         "cpu_count": os.cpu_count(), "threads": args.threads, "device": args.device, "dtype": args.dtype,
         "quick": args.quick, "matmul_peak_gflop_per_s": peak, "default_rel_pos_kernel": default_rel_pos,
         "allocator": args.allocator,

@@ -2,11 +2,12 @@
 view and a 768 px tile: seconds per view, ratio, and the outputs compared, on shared random weights.
 
     python -m benchmarks.tower_v2 [--rounds 3] [--threads 2] [--paths ours,ours-eager,transformers]
+    python -m benchmarks.tower_v2 --device cuda --dtype bf16   # batch 1 and 32, eager and compiled paths too
 
 One process, one allocator for every path (`deepencoder.runtime.configure_allocator`: tcmalloc when installed, set
 before anything is allocated; `DEEPENCODER_ALLOCATOR` overrides), the paths alternating view by view in every round
 after a warm-up of each, so a shared machine's drift slows all alike. The ratio uses each path's best round (median
-also printed). Results: benchmarks/results/tower-v2-cpu-fp32.json.
+also printed). Results: benchmarks/results/tower-v2-<device>-<dtype>.json.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def transformers_path(model: DeepEncoderV2Model):
     projector = torch.nn.Linear(model.projector.in_features, model.projector.out_features)
     projector.load_state_dict(model.projector.state_dict())
     encode = lambda pixels: projector(vision(pixels).last_hidden_state)  # noqa: E731
-    encode.vision = vision
+    encode.vision, encode.projector = vision, projector
     return encode
 
 
@@ -112,21 +113,43 @@ def views_of(tower: DeepEncoderV2Model):
     return lambda pixels: tower.encode_views(pixels).image_embeds
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--paths", default="ours,transformers", help="ours, ours-eager, transformers")
+    parser.add_argument(
+        "--paths", default=None,
+        help="ours, ours-eager, ours-compile, ours-compile-ro (CUDA graphs), transformers (default: ours,transformers;"
+        " on CUDA also the two compiled paths)",
+    )  # fmt: skip
     parser.add_argument("--stages", action="store_true", help="also time the SAM stage and the encoder apart")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--batches", default=None, help="comma list of batch sizes (default 1; on CUDA 1,32)")
     args = parser.parse_args(argv)
     allocator = runtime.configure_allocator()
     torch.set_num_threads(args.threads)
-    model = random_tower()
-    paths = args.paths.split(",")
+    cuda = args.device.startswith("cuda")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    batches = [int(b) for b in (args.batches or ("1,32" if cuda else "1")).split(",")]
+    model = random_tower().to(device=args.device, dtype=dtype)
+    paths = (args.paths or ("ours,ours-compile,ours-compile-ro,transformers" if cuda else "ours,transformers")).split(
+        ","
+    )
     encoders = {}
     for path in paths:
         if path == "ours":
             encoders[path] = views_of(model)
+        elif path in ("ours-compile", "ours-compile-ro"):
+            compiled = DeepEncoderV2Model(model.config).eval().to(device=args.device, dtype=dtype)
+            compiled.load_state_dict(model.state_dict())
+            compiled.compile("reduce-overhead" if path == "ours-compile-ro" else None)
+            encoders[path] = (lambda tower: lambda pixels: tower.encode_views(pixels).image_embeds.clone())(compiled)
         elif path == "ours-eager":
             eager = DeepEncoderV2Model(model.config).eval()
             eager.load_state_dict(model.state_dict())
@@ -135,42 +158,58 @@ def main(argv: list[str] | None = None) -> int:
             encoders[path] = views_of(eager)
         elif path == "transformers":
             encoders[path] = transformers_path(model)
+            encoders[path].vision.to(device=args.device, dtype=dtype)
+            encoders[path].projector.to(device=args.device, dtype=dtype)
         else:
             raise SystemExit(f"unknown path {path!r}")
     generator = torch.Generator().manual_seed(1)
-    pixels = {name: torch.randn(1, 3, size, size, generator=generator) for name, size in VIEWS.items()}
-    times: dict[str, dict[str, list[float]]] = {view: {path: [] for path in encoders} for view in VIEWS}
-    outputs: dict[str, dict[str, torch.Tensor]] = {view: {} for view in VIEWS}
+    cases = {
+        (f"{name} b{batch}" if batches != [1] else name): torch.randn(batch, 3, size, size, generator=generator).to(
+            device=args.device, dtype=dtype
+        )
+        for batch in batches
+        for name, size in VIEWS.items()
+    }  # case name -> pixels
+    pixels = cases
+    times: dict[str, dict[str, list[float]]] = {view: {path: [] for path in encoders} for view in cases}
+    outputs: dict[str, dict[str, torch.Tensor]] = {view: {} for view in cases}
     with torch.inference_mode():
-        for view in VIEWS:  # warm-up, and the outputs compared
+        for view in cases:  # warm-up (compiles), and the outputs compared
             for path, encode in encoders.items():
                 outputs[view][path] = encode(pixels[view])
         for _ in range(args.rounds):
-            for view in VIEWS:
+            for view in cases:
                 for path, encode in encoders.items():
+                    _sync(args.device)
                     start = time.perf_counter()
                     encode(pixels[view])
+                    _sync(args.device)
                     times[view][path].append(time.perf_counter() - start)
-    stages: dict[str, list[dict]] = {view: [] for view in VIEWS}
-    if args.stages and {"ours", "transformers"} <= set(encoders):
+    stages: dict[str, list[dict]] = {view: [] for view in cases}
+    if args.stages and {"ours", "transformers"} <= set(encoders) and not cuda and batches == [1]:
         with torch.inference_mode():
             for _ in range(args.rounds):
                 for view in VIEWS:
                     stages[view].append(stage_times(model, encoders["transformers"], pixels[view]))
     record = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": torch.cuda.get_device_name(args.device)
+        if cuda
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "device": args.device,
+        "dtype": args.dtype,
         "torch": torch.__version__,
         "allocator": allocator,
         "rounds": args.rounds,
         "views": {},
     }
     lines = [
-        f"DeepEncoder V2 vs transformers' DeepseekOcr2 vision path, CPU fp32, batch 1, allocator {allocator}, "
+        f"DeepEncoder V2 vs transformers' DeepseekOcr2 vision path, {record['machine']} {args.dtype}, batches "
+        f"{args.batches or batches}, allocator {allocator}, "
         f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds",
-        "| view | path | best s | median s | vs ours (best) | rel. err vs transformers |",
-        "|---|---|---:|---:|---:|---|",
+        "| view | path | best s | median s | views/s | vs ours (best) | rel. err vs transformers |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
-    for view in VIEWS:
+    for view in cases:
         best = {path: min(values) for path, values in times[view].items()}
         reference = outputs[view].get("transformers")
         entries = {}
@@ -188,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             ratio = best[path] / best["ours"] if "ours" in best else float("nan")
             shown = f"{error:.1e}" if error is not None else ""
             lines.append(
-                f"| {view} | {path} | {best[path]:.2f} | {statistics.median(values):.2f} | {ratio:.2f}x | {shown} |"
+                f"| {view} | {path} | {best[path]:.4f} | {statistics.median(values):.4f} | "
+                f"{pixels[view].shape[0] / best[path]:.1f} | {ratio:.2f}x | {shown} |"
             )
         record["views"][view] = entries
-    for view in VIEWS:
+    for view in cases:
         if {"ours", "transformers"} <= set(times[view]):
             ours, theirs = record["views"][view]["ours"], record["views"][view]["transformers"]
             lines.append(
@@ -217,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"load average at the end: {load:.1f} on {os.cpu_count()} CPUs")
     print("\n".join(lines))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tower-v2-cpu-fp32.json").write_text(json.dumps(record, indent=1) + "\n")
+    name = f"tower-v2-{args.device.split(':')[0]}-{args.dtype}.json"
+    (RESULTS / name).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 

@@ -16,15 +16,21 @@ run time, per device, and is never saved as architecture. Two families:
   mask from `mixed_attention_mask` built once per shape. `eager` applies the whole mask; `sdpa` runs the image rows
   mask-free and the query rows under the mask's query rows.
 
+  `flex` is FlexAttention with the two (N, H) / (N, W) tables indexed in its `score_mod`: no N x N tensor, head
+  dim unchanged (compiled kernels only; falls back to `mask` under export and for CPU backward).
+
 Choosing: the config's `_attn_implementation` (`eager` | `sdpa`) picks the family member; among SDPA rel-pos kernels
-`DEFAULT_REL_POS_KERNEL` maps the device type to one (CPU: `mask`, measured fastest on CPU in
-`benchmarks/tower.py`; CUDA: `folded`, a mask-free fused flash kernel and no N x N memory — unmeasured, no GPU was
-available), and a model can be pinned to another with `model.set_attention_kernel("folded")`. New kernels register
-with `register_rel_pos_kernel(name, fn)`; every kernel has the same contract and never mutates its inputs.
+`DEFAULT_REL_POS_KERNELS` maps the device type and the call's size to one (CPU: `mask`, measured fastest; CUDA:
+`mask` for small calls, `folded` for large batches, from one H200 run; see the table's comment for what is measured
+and what is not), and a model can be pinned to another with `model.set_attention_kernel("flex")`. New kernels
+register with `register_rel_pos_kernel(name, fn)`; every kernel has the same contract and never mutates its inputs.
+On the CPU in fp16/bf16 the `mask` kernel runs `half_precision_cpu_attention` (native half matmuls, fewer memory
+passes) instead of PyTorch's fused kernel, which computes half precision in fp32.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -43,7 +49,25 @@ RelPosKernel = Callable[..., torch.Tensor]
 MASK_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 2**25}
 MASK_BLOCK_ROWS: dict[str, int] = {"cpu": 1024}
 DEFAULT_MASK_BLOCK_ELEMENTS = 2**28
-DEFAULT_REL_POS_KERNEL: dict[str, str] = {"cpu": "mask", "cuda": "folded", "mps": "mask"}
+# fp16/bf16 on the CPU (`half_precision_cpu_attention`): smaller blocks, whose logits stay in cache between the
+# matmul, the softmax and the value product: 2**22 entries (8 MB), a global block of a 1024 px page as 12 x 4
+# launches of 1 head x 1024 rows. A bf16 Base page, interleaved runs on an AVX512-BF16 EPYC under glibc-tuned:
+# 2 threads 1.91 s at 2**22, 2.05 s at 2**21, 1.96 s at 2**23, 2.17 s for the eager formula at the fp32 block shape;
+# 1 thread 3.46 s at 2**21, ~3.6-3.8 s at 2**22 and 2**20, 4.2-4.4 s eager. Fewer, larger launches also suffer less
+# on an oversubscribed machine, where each launch's thread rendezvous can wait for a time slice
+HALF_MASK_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 2**22}
+# the default rel-pos kernel per device type and regime: (from this many query tokens per call, i.e. batch x tokens
+# per view or window, kernel), ascending. CPU: `mask` at every size (`benchmarks/tower.py`: fastest in fp32 and, with
+# the half-precision blocks, in bf16; `folded` triples the q.k and p.v work, FlexAttention's compiled CPU kernel
+# measured 1.2x (bf16) to 1.9x (fp32) slower than `mask` on a 1024 px page's global block). CUDA, from the one H200
+# run quoted in issue 20 (bf16, Base): `mask` at batch 1 (14.4 ms against `folded`'s 21.1 ms), `folded` at batch 32
+# (170 against 141 pages/s); the crossover between is not measured (32768 tokens = 8 Base views is a guess), nor is
+# `flex` on CUDA: `python -m benchmarks.tower --device cuda --dtype bf16` measures every kernel
+DEFAULT_REL_POS_KERNELS: dict[str, tuple[tuple[int, str], ...]] = {
+    "cpu": ((0, "mask"),),
+    "cuda": ((0, "mask"), (32768, "folded")),
+    "mps": ((0, "mask"),),
+}
 
 
 # ---------------------------------------------------------------------------------------------- plain / GQA attention
@@ -136,6 +160,29 @@ def _static_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
+def half_precision_cpu_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, attn_mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(mask + q k^T * scale) v for fp16/bf16 on the CPU, same contract as `eager_attention` with an additive
+    mask and equal head counts.
+
+    PyTorch's fused CPU kernel computes half-precision attention in fp32 (no faster than fp32), while its batched
+    matmuls run natively (AVX512-BF16 / AMX), so this is the eager formula with its memory passes cut: the mask is
+    the accumulator of one `baddbmm` (no separate logits + mask pass) and the softmax runs on the half-precision
+    logits (PyTorch's CPU softmax accumulates in fp32 and rounds once, so no fp32 copy and cast-back pass). One
+    rounding of the biased logits instead of two: closer to fp32 than the eager formula in half precision.
+    """
+    batch, heads, rows, head_dim = query.shape
+    logits = torch.baddbmm(
+        attn_mask.to(query.dtype).expand(batch, heads, rows, key.shape[2]).reshape(batch * heads, rows, -1),
+        query.reshape(batch * heads, rows, head_dim),
+        key.reshape(batch * heads, -1, head_dim).transpose(1, 2),
+        alpha=scale,
+    )  # (B * heads, rows, Nk)
+    out = torch.bmm(logits.softmax(dim=-1), value.reshape(batch * heads, -1, value.shape[-1]))
+    return out.view(batch, heads, rows, -1)
+
+
 def masked_rel_pos_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -156,17 +203,21 @@ def masked_rel_pos_attention(
     Outside autograd and tracing the blocks are written into one fresh (B, N, heads, hd) buffer and its transposed
     view is returned, so the caller's `transpose(1, 2).reshape(B, N, C)` costs no copy.
 
-    On the CPU in half precision each block runs the eager formula: there PyTorch's fused kernel cannot
-    differentiate the mask, so with autograd SDPA would fall back to its math backend and training and inference
-    would round differently; the eager formula (fp32 softmax) is the same computation in both modes.
+    On the CPU in half precision each block runs `half_precision_cpu_attention` (blocks of
+    `HALF_MASK_BLOCK_ELEMENTS`), with and without autograd: PyTorch's fused CPU kernel computes in fp32 there (no
+    faster than the native bf16 matmuls) and cannot differentiate the mask (with autograd SDPA would fall back to its
+    math backend, and training and inference would round differently).
     """
     batch, heads, n, head_dim = query.shape
-    if query.device.type == "cpu" and query.dtype in (torch.float16, torch.bfloat16):
-        attend = eager_attention
+    device = query.device.type
+    budgets = MASK_BLOCK_ELEMENTS
+    if device == "cpu" and query.dtype in (torch.float16, torch.bfloat16):
+        attend, budgets = half_precision_cpu_attention, HALF_MASK_BLOCK_ELEMENTS
+        # one copy of the projections (views of the qkv output) instead of one per block's matmul
+        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     else:
         attend = F.scaled_dot_product_attention
-    device = query.device.type
-    budget = mask_block_elements or MASK_BLOCK_ELEMENTS.get(device, DEFAULT_MASK_BLOCK_ELEMENTS)
+    budget = mask_block_elements or budgets.get(device, DEFAULT_MASK_BLOCK_ELEMENTS)
     per_row = key.shape[2] * (batch if isinstance(batch, int) else 1)
     rows = max(1, min(n, budget // per_row, MASK_BLOCK_ROWS.get(device, n)))
     head_blocks = -(-heads // max(1, min(heads, budget // (rows * per_row))))
@@ -217,10 +268,56 @@ def folded_rel_pos_attention(
     return F.scaled_dot_product_attention(q_ext, k_ext, v_ext, scale=1.0)[..., :head_dim]
 
 
+@functools.cache
+def _compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """`flex_attention` under torch.compile, made on first use (FlexAttention's fused kernels exist only compiled:
+    Triton on CUDA, a C++ template on the CPU; called eagerly it materialises the logits)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_rel_pos_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    *,
+    scale: float,
+) -> torch.Tensor:
+    """FlexAttention with the decomposed bias added inside the kernel: its `score_mod` adds
+    rel_h[b, h, q, k // W] + rel_w[b, h, q, k % W] to each logit, so neither an (N x N) mask nor wider heads exist.
+    Same contract as the others.
+
+    Outside torch.compile the call goes through a compiled `flex_attention` (one compile per shape, the first call
+    of a shape takes seconds); inside it (`model.compile()`) it is traced into the caller's graph. Falls back to
+    `masked_rel_pos_attention` (same result) where FlexAttention cannot run: under torch.export / jit tracing, and on
+    the CPU while autograd records a tensor that requires grad (FlexAttention has no CPU backward).
+    """
+    if torch.compiler.is_exporting() or torch.jit.is_tracing() or _cpu_backward(query, key, value, rel_h, rel_w):
+        return masked_rel_pos_attention(query, key, value, rel_h, rel_w, scale=scale)
+    width = rel_w.shape[-1]
+
+    def score_mod(score, b, h, q_index, k_index):
+        return score + rel_h[b, h, q_index, k_index // width] + rel_w[b, h, q_index, k_index % width]
+
+    if torch.compiler.is_compiling():
+        from torch.nn.attention.flex_attention import flex_attention
+    else:
+        flex_attention = _compiled_flex_attention()
+    return flex_attention(query, key, value, score_mod=score_mod, scale=scale)
+
+
+def _cpu_backward(*tensors: torch.Tensor) -> bool:
+    return tensors[0].device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 REL_POS_KERNELS: dict[str, RelPosKernel] = {
     "eager": eager_rel_pos_attention,
     "mask": masked_rel_pos_attention,
     "folded": folded_rel_pos_attention,
+    "flex": flex_rel_pos_attention,
 }
 
 
@@ -229,12 +326,23 @@ def register_rel_pos_kernel(name: str, function: RelPosKernel) -> None:
     REL_POS_KERNELS[name] = function
 
 
-def rel_pos_kernel_name(device: torch.device, implementation: str | None = None, kernel: str | None = None) -> str:
+def default_rel_pos_kernel(device_type: str, tokens: int = 0) -> str:
+    """The device type's default rel-pos kernel for a call over `tokens` query tokens (batch x tokens per view or
+    window; `DEFAULT_REL_POS_KERNELS`). A symbolic count (dynamic-shape export) takes the smallest regime."""
+    regimes = DEFAULT_REL_POS_KERNELS.get(device_type, ((0, "mask"),))
+    if not isinstance(tokens, int):
+        return regimes[0][1]
+    return [name for start, name in regimes if tokens >= start][-1]
+
+
+def rel_pos_kernel_name(
+    device: torch.device, implementation: str | None = None, kernel: str | None = None, tokens: int = 0
+) -> str:
     """Which rel-pos kernel runs: `eager` under the eager implementation, else the pinned `kernel`, else the
-    device's default."""
+    device's default for a call over `tokens` query tokens."""
     if (implementation or "sdpa") == "eager":
         return "eager"
-    return kernel or DEFAULT_REL_POS_KERNEL.get(device.type, "mask")
+    return kernel or default_rel_pos_kernel(device.type, tokens)
 
 
 def rel_pos_attention(
@@ -250,7 +358,7 @@ def rel_pos_attention(
 ) -> torch.Tensor:
     """Attention with SAM's decomposed rel-pos bias through the kernel `rel_pos_kernel_name` picks.
     query/key/value: (B, heads, N, hd); rel_h: (B, heads, N, H); rel_w: (B, heads, N, W) -> (B, heads, N, hd)."""
-    name = rel_pos_kernel_name(query.device, implementation, kernel)
+    name = rel_pos_kernel_name(query.device, implementation, kernel, query.shape[0] * query.shape[2])
     return _lookup(REL_POS_KERNELS, name)(query, key, value, rel_h, rel_w, scale=scale)
 
 

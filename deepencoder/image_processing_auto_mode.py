@@ -29,6 +29,8 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from .image_processing_modes import DEFAULT_MAX_COMPRESSION
+
 ESTIMATE_SOURCES = ("tokenizer", "text-layer", "pixels")
 
 # DeepSeek's API documentation ("Token & Token Usage"): 1 English character ~ 0.3 token, 1 Chinese character ~ 0.6
@@ -37,8 +39,6 @@ TOKENS_PER_CHAR = 0.3
 TOKENS_PER_CJK_CHAR = 0.6
 _CJK = re.compile(r"[\u1100-\u11ff\u2e80-\u9fff\ua960-\ua97f\uac00-\ud7ff\uf900-\ufaff\uff00-\uffef]")
 _SPACE = re.compile(r"\s+")
-
-DEFAULT_MAX_COMPRESSION = 10.0
 
 
 class Tokenizer(Protocol):

@@ -15,6 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import attention
 from .configuration_deepencoder import DeepEncoderClipConfig
+from .modeling_utils import cached_positions
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,9 @@ class ClipEmbeddings(nn.Module):
         tokens = patch_embeds.flatten(2).transpose(1, 2)  # (B, h*w, C)
         cls = self.class_embedding.to(tokens.dtype).expand(batch, 1, -1)
         embeddings = torch.cat([cls, tokens], dim=1)
-        return embeddings + resize_clip_pos(self.position_embedding.weight, height, width)
+        table = self.position_embedding.weight
+        positions = cached_positions(self, (height, width), (table,), lambda: resize_clip_pos(table, height, width))
+        return embeddings + positions
 
 
 class ClipAttention(nn.Module):

@@ -18,7 +18,7 @@ from .freezing import FreezeTargets, FreezingMixin
 from .layout import group_views_by_size, layout_page, tile_counts
 from .modeling_clip import ClipEmbeddings, DeepEncoderClipModel
 from .modeling_sam import DeepEncoderSamModel, SamAttention
-from .modeling_utils import TowerLoadingMixin, checkpoint_loader
+from .modeling_utils import CompileMixin, TowerLoadingMixin, checkpoint_loader
 
 
 @dataclass
@@ -118,7 +118,7 @@ class DeepEncoderPreTrainedModel(FreezingMixin, PreTrainedModel):
             init.normal_(module.view_separator, std=embed_std)
 
 
-class DeepEncoderModel(TowerLoadingMixin, DeepEncoderPreTrainedModel):
+class DeepEncoderModel(CompileMixin, TowerLoadingMixin, DeepEncoderPreTrainedModel):
     """The DeepSeek-OCR vision tower.
 
     `forward(pixel_values, pixel_values_tiles=None, tile_grids=None)` takes the processor's output and returns one

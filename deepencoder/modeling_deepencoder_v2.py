@@ -28,7 +28,7 @@ from .configuration_deepencoder_v2 import DeepEncoderV2Config, DeepEncoderV2Enco
 from .freezing import FreezeTargets, FreezingMixin
 from .layout import group_views_by_size, layout_query_page, tile_counts
 from .modeling_sam import DeepEncoderSamModel, SamAttention
-from .modeling_utils import TowerLoadingMixin, checkpoint_loader
+from .modeling_utils import CompileMixin, TowerLoadingMixin, cached_positions, checkpoint_loader
 
 
 @dataclass
@@ -221,7 +221,11 @@ class DeepEncoderV2Encoder(nn.Module):
         batch, n, channels = image_tokens.shape
         queries = self.query_table(n).to(image_tokens.dtype).expand(batch, n, channels)
         hidden_states = torch.cat([image_tokens, queries], dim=1)  # (B, 2n, C)
-        cos, sin = rope_cos_sin(2 * n, self.config.head_dim, self.config.rope_theta, hidden_states)
+        head_dim, theta = self.config.head_dim, self.config.rope_theta
+        cos, sin = cached_positions(
+            self, ("rope", 2 * n, head_dim, theta, hidden_states.dtype, hidden_states.device), (),
+            lambda: rope_cos_sin(2 * n, head_dim, theta, hidden_states),
+        )  # fmt: skip
         mask = mixed_attention_mask(n, hidden_states.device)  # built once, shared by every layer
         states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
@@ -286,7 +290,7 @@ class DeepEncoderV2PreTrainedModel(FreezingMixin, PreTrainedModel):
             init.normal_(module.view_separator, std=1 / math.sqrt(self.config.projector_dim))
 
 
-class DeepEncoderV2Model(TowerLoadingMixin, DeepEncoderV2PreTrainedModel):
+class DeepEncoderV2Model(CompileMixin, TowerLoadingMixin, DeepEncoderV2PreTrainedModel):
     """The DeepSeek-OCR-2 vision tower.
 
     `forward(pixel_values, pixel_values_tiles=None, tile_grids=None)` takes the processor's output (mode `ocr2` or

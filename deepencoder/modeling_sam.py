@@ -15,6 +15,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .attention import attention, rel_pos_attention
 from .configuration_deepencoder import DeepEncoderSamConfig
+from .modeling_utils import cached_positions
 
 
 def resize_abs_pos(pos_embed: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -58,9 +59,13 @@ def decomposed_rel_pos(
     query: (B, heads, H*W, hd). Returns rel_h: (B, heads, H*W, H) and rel_w: (B, heads, H*W, W); the bias of
     query (qh, qw) on key (kh, kw) is rel_h[..., kh] + rel_w[..., kw].
     """
+    return rel_pos_terms(query, get_rel_pos(height, rel_pos_h), get_rel_pos(width, rel_pos_w))
+
+
+def rel_pos_terms(query: torch.Tensor, r_h: torch.Tensor, r_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decomposed_rel_pos` from the gathered tables r_h: (H, H, hd), r_w: (W, W, hd) (`get_rel_pos`)."""
     batch, heads, _, head_dim = query.shape
-    r_h = get_rel_pos(height, rel_pos_h)  # (H, H, hd)
-    r_w = get_rel_pos(width, rel_pos_w)  # (W, W, hd)
+    height, width = r_h.shape[0], r_w.shape[0]
     q = query.reshape(batch, heads, height, width, head_dim)
     rel_h = torch.einsum("bnhwc,hkc->bnhwk", q, r_h).reshape(batch, heads, height * width, height)
     rel_w = torch.einsum("bnhwc,wkc->bnhwk", q, r_w).reshape(batch, heads, height * width, width)
@@ -83,7 +88,7 @@ class SamAttention(nn.Module):
             self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size - 1, head_dim))
         # rel-pos attention kernel pinned at run time (`DeepEncoderModel.set_attention_kernel`); None: the device's
-        # default (`deepencoder.attention.DEFAULT_REL_POS_KERNEL`). Not architecture: never saved in the config.
+        # default (`deepencoder.attention.DEFAULT_REL_POS_KERNELS`). Not architecture: never saved in the config.
         self.kernel: str | None = None
 
     def forward(self, hidden_states: torch.Tensor, window_size: int = 0) -> torch.Tensor:
@@ -116,6 +121,16 @@ class SamAttention(nn.Module):
             return self.qkv.bias.chunk(3) if self.qkv.bias is not None else (None,) * 3
         return self.qkv(like.new_zeros(like.shape[-1])).chunk(3)
 
+    def rel_pos_tables(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`get_rel_pos` of both axes for a height x width grid: (H, H, hd), (W, W, hd), cached per size."""
+        tables = (self.rel_pos_h, self.rel_pos_w)
+        return cached_positions(
+            self,
+            ("rel_pos", height, width),
+            tables,
+            lambda: (get_rel_pos(height, tables[0]), get_rel_pos(width, tables[1])),
+        )
+
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """The attention between the two projections: query/key/value (B, H, W, C) -> (B, H, W, C), before `proj`."""
         batch, height, width, _ = query.shape
@@ -125,7 +140,7 @@ class SamAttention(nn.Module):
 
         implementation = getattr(self.config, "_attn_implementation", None)
         if self.use_rel_pos:
-            rel_h, rel_w = decomposed_rel_pos(query, self.rel_pos_h, self.rel_pos_w, height, width)
+            rel_h, rel_w = rel_pos_terms(query, *self.rel_pos_tables(height, width))
             out = rel_pos_attention(
                 query, key, value, rel_h, rel_w, scale=self.scale, implementation=implementation, kernel=self.kernel
             )
@@ -272,12 +287,19 @@ class DeepEncoderSamModel(nn.Module):
                 f"pixel_values height and width must be multiples of {step}, got {tuple(pixel_values.shape[-2:])}"
             )
 
+    def position_embedding(self, height: int, width: int) -> torch.Tensor:
+        """The absolute position embedding resized to a height x width grid (`resize_abs_pos`), cached per size."""
+        pos_embed = self.pos_embed
+        return cached_positions(
+            self, ("pos_embed", height, width), (pos_embed,), lambda: resize_abs_pos(pos_embed, height, width)
+        )
+
     def trunk(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
         """(B, 3, H, W) -> ViT output (B, H/16, W/16, C) [, tuple of per-block outputs]."""
         self._check_input(pixel_values)
         x = self.patch_embed(pixel_values)
         if self.pos_embed is not None:
-            x = x + resize_abs_pos(self.pos_embed, x.shape[1], x.shape[2])
+            x = x + self.position_embedding(x.shape[1], x.shape[2])
         hidden_states = (x,) if output_hidden_states else None
         for block in self.blocks:
             x = block(x)

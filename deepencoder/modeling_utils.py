@@ -1,4 +1,6 @@
-"""Loading shared by both towers' model classes (`DeepEncoderModel`, `DeepEncoderV2Model`).
+"""Loading shared by both towers' model classes (`DeepEncoderModel`, `DeepEncoderV2Model`), and the cache of
+position tables their stages derive from parameters per input size (`cached_positions`), and `model.compile()`
+(`CompileMixin`).
 
 - `from_pretrained`: transformers' own for this library's checkpoints; any other checkpoint holding the tower
   (DeepSeek-OCR / DeepSeek-OCR-2 releases, transformers' `UnlimitedOcr*` / `DeepseekOcr2*` `save_pretrained` in
@@ -15,10 +17,15 @@ own and the converting loaders say that they need the package.
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 # name -> loader, registered by the conversion layer:
 #   "pretrained": (model_class, path_or_repo_id, model_args, kwargs) -> model, or None for a checkpoint of this
@@ -71,3 +78,126 @@ class TowerLoadingMixin:
         It runs on this library's processor and saves as an ordinary DeepEncoder checkpoint. To make the
         transformers model itself run on this tower, see `deepencoder.integrations.attach`."""
         return checkpoint_loader("transformers")(cls, model)
+
+
+# ------------------------------------------------------------------------------------------------ position tables
+POSITION_CACHE_SIZE = 8  # entries per module: input sizes x dtypes x devices in recent use
+
+
+def cached_positions(
+    module: nn.Module, key: tuple, sources: tuple[torch.Tensor, ...], compute: Callable[[], Any]
+) -> Any:
+    """`compute()`, a position table derived from `sources` (a resized position embedding, a rel-pos table gathered
+    for a grid size, RoPE tables) for the input size in `key`, kept on `module` and reused while nothing records an
+    autograd graph.
+
+    An entry is keyed by `key`, inference mode, and each source's storage, dtype, device and version counter, so
+    `model.to(...)`, loading weights and any in-place update (an optimizer step) make the next call recompute. With
+    autograd recording, under torch.compile / export (the graph holds the computation) and under jit tracing the
+    table is computed afresh and not kept, as it is for weights created under inference mode (no version counter).
+    The cache is not state: never saved, at most `POSITION_CACHE_SIZE` entries per module, least recently used
+    dropped first. (The version counter, `Tensor._version`, is the one way PyTorch exposes in-place writes; autograd
+    relies on the same counter.)
+    """
+    import torch  # on first use: this module is imported at start-up, before torch is needed
+
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return compute()
+    if any(t.is_inference() for t in sources):  # weights made under inference mode have no version counter
+        return compute()
+    stamp = tuple((t.untyped_storage().data_ptr(), t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+    full_key = (key, torch.is_inference_mode_enabled(), stamp)
+    cache: OrderedDict = module.__dict__.setdefault("_position_cache", OrderedDict())
+    if full_key in cache:
+        cache.move_to_end(full_key)
+        return cache[full_key]
+    value = compute()
+    cache[full_key] = value
+    while len(cache) > POSITION_CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ compiled shapes
+COMPILE_CACHE_ENV = "DEEPENCODER_COMPILE_CACHE"
+# torch.compile mode per device type (others: inductor's default). CUDA: GEMM autotuning without CUDA graphs,
+# unmeasured against `reduce-overhead` (no GPU was available; `python -m benchmarks.tower --device cuda` times
+# both). `reduce-overhead` replays CUDA graphs whose outputs live in a static pool that the next call overwrites, so
+# a caller that keeps a batch's output past the next batch (the encode pipeline's writer does) has to clone it:
+# pass mode="reduce-overhead" only where outputs are consumed before the next call
+DEFAULT_COMPILE_MODES: dict[str, str] = {"cuda": "max-autotune-no-cudagraphs"}
+
+
+class CompileMixin:
+    """`model.compile()` / `model.uncompile()` for a tower whose compute is `encode_views` (same-size views ->
+    tokens); `forward`'s batching and layout stay Python and call the compiled `encode_views`."""
+
+    def compile(
+        self,
+        mode: str | None = None,
+        *,
+        cache_dir: str | os.PathLike | None = None,
+        dynamic: bool | None = False,
+        **options: Any,
+    ) -> None:
+        """torch.compile `encode_views` in place: one graph per view size and batch size (`dynamic=False`, the
+        fixed shapes a pipeline feeds; the first call of a shape compiles, later ones run the graph). `mode`:
+        torch.compile's (default `DEFAULT_COMPILE_MODES` for the parameters' device); further keywords (`backend`,
+        `fullgraph`, `options`) go to torch.compile.
+
+        Compile cache between runs: with `cache_dir` (default `$DEEPENCODER_COMPILE_CACHE`, else none) the process's
+        inductor and Triton caches live under it, so a second run on this machine loads the compiled kernels instead
+        of building them (seconds instead of minutes), and after each new shape the portable cache artifacts
+        (`torch.compiler.save_cache_artifacts`, autotuning results included) are written to
+        `cache_dir/torch-<version>-<device>.bin` and loaded by `compile()` on another machine sharing the folder.
+        Without it PyTorch's default local cache (under the temp directory) still applies.
+        """
+        import torch
+
+        self.uncompile()
+        device = next(self.parameters()).device.type
+        mode = mode if mode is not None else DEFAULT_COMPILE_MODES.get(device)
+        cache_dir = cache_dir if cache_dir is not None else os.environ.get(COMPILE_CACHE_ENV) or None
+        artifacts = None
+        if cache_dir is not None:
+            cache_dir = Path(cache_dir).expanduser()
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir / "inductor")  # read at each compile
+            os.environ["TRITON_CACHE_DIR"] = str(cache_dir / "triton")
+            artifacts = cache_dir / f"torch-{torch.__version__.replace('+', '-')}-{device}.bin"
+            if artifacts.exists():
+                torch.compiler.load_cache_artifacts(artifacts.read_bytes())
+        compiled = torch.compile(type(self).encode_views.__get__(self), mode=mode, dynamic=dynamic, **options)
+        seen: set = set()
+
+        def encode_views(pixel_values, *args, **kwargs):
+            out = compiled(pixel_values, *args, **kwargs)
+            signature = (
+                tuple(pixel_values.shape),
+                pixel_values.dtype,
+                pixel_values.device,
+                args,
+                tuple(kwargs.items()),
+            )
+            if artifacts is not None and signature not in seen:
+                seen.add(signature)
+                _save_cache_artifacts(artifacts)
+            return out
+
+        encode_views.__doc__ = type(self).encode_views.__doc__
+        self.__dict__["encode_views"] = encode_views  # shadows the method until `uncompile()`
+
+    def uncompile(self) -> None:
+        """Back to the eager `encode_views` (compiled graphs stay in torch's caches)."""
+        self.__dict__.pop("encode_views", None)
+
+
+def _save_cache_artifacts(path: Path) -> None:
+    import torch
+
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:  # nothing cacheable compiled (e.g. an eager backend)
+        return
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(saved[0])
+    temporary.replace(path)

@@ -10,6 +10,7 @@ is written, and before its pages' manifest rows are appended, the run writes `GA
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,9 @@ def gate_after_each_part(gate: Path):
 
 
 if __name__ == "__main__":
+    # a Ctrl-C is what the tests send: take it even when started by a non-interactive shell's background job, which
+    # starts its children with SIGINT ignored (Python then installs no KeyboardInterrupt handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     gate = Path(sys.argv[1])
     gate.mkdir(parents=True, exist_ok=True)
     runner.pause = gate_after_each_batch(gate)

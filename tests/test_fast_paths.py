@@ -1,8 +1,10 @@
 """Every attention kernel and fast path of the tower against an independent plain path, on tiny configs (fp32,
-relative error <= 1e-5 unless stated): each rel-pos kernel against segment-anything's `add_decomposed_rel_pos`
-+ softmax, the blocked mask at ragged block sizes, the folded bias on a fused SDPA kernel, GQA attention against
-repeated heads, batching against one view at a time, torch.compile without graph breaks, and the invariants that
-hooks and autocast see the same model whatever mode runs."""
+relative error <= 1e-5 unless stated): each rel-pos kernel (eager, mask, folded, flex) against segment-anything's
+`add_decomposed_rel_pos` + softmax, values and gradients, the blocked mask at ragged block sizes, the CPU's
+half-precision mask blocks against the formula in float64, the folded bias on a fused SDPA kernel, flex through its
+export fallback, GQA attention against repeated heads, batching against one view at a time, torch.compile without
+graph breaks, the position-table cache, and the invariants that hooks and autocast see the same model whatever
+mode runs."""
 
 import json
 
@@ -15,7 +17,7 @@ from deepencoder import DeepEncoderModel, attention
 from deepencoder.modeling_sam import decomposed_rel_pos, window_partition, window_unpartition
 
 TOL = 1e-5
-KERNELS = ["eager", "mask", "folded"]
+KERNELS = ["eager", "mask", "folded", "flex"]
 
 
 def _attention_inputs(batch=2, heads=3, height=5, width=7, head_dim=16):
@@ -47,6 +49,47 @@ def test_rel_pos_kernels_equal_segment_anything(kernel, inference):
     assert rel_err(actual, expected) < TOL
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_rel_pos_kernel_gradients_equal_segment_anything(kernel):
+    """Autograd through every kernel (flex on the CPU: its fallback, FlexAttention has no CPU backward), gradients of
+    q, k, v and the two rel-pos tables against segment-anything's formula."""
+    q, k, v, rel_pos_h, rel_pos_w, size = _attention_inputs()
+    leaves = [t.requires_grad_() for t in (q, k, v, rel_pos_h, rel_pos_w)]
+    theirs = [t.detach().clone().requires_grad_() for t in leaves]
+    upstream = torch.randn(q.shape, generator=torch.Generator().manual_seed(2))
+    rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, *size)
+    actual = attention.rel_pos_attention(q, k, v, rel_h, rel_w, scale=q.shape[-1] ** -0.5, kernel=kernel)
+    (actual * upstream).sum().backward()
+    (_segment_anything_attention(*theirs, size) * upstream).sum().backward()
+    for name, ours, reference in zip(("q", "k", "v", "rel_pos_h", "rel_pos_w"), leaves, theirs):
+        assert rel_err(ours.grad, reference.grad) < TOL, name
+
+
+def test_flex_kernel_exports_through_its_fallback():
+    """torch.export sees the `mask` kernel's graph (FlexAttention's compiled kernel is not exportable) and the
+    exported program equals segment-anything's formula."""
+    q, k, v, rel_pos_h, rel_pos_w, size = _attention_inputs()
+    rel_h, rel_w = decomposed_rel_pos(q, rel_pos_h, rel_pos_w, *size)
+
+    class Attend(torch.nn.Module):
+        def forward(self, q, k, v, rel_h, rel_w):
+            return attention.rel_pos_attention(q, k, v, rel_h, rel_w, scale=q.shape[-1] ** -0.5, kernel="flex")
+
+    program = torch.export.export(Attend(), (q, k, v, rel_h, rel_w))
+    assert not [node for node in program.graph.nodes if "flex" in str(node.target)]
+    expected = _segment_anything_attention(q, k, v, rel_pos_h, rel_pos_w, size)
+    assert rel_err(program.module()(q, k, v, rel_h, rel_w), expected) < TOL
+
+
+def test_every_default_kernel_is_registered():
+    for device, regimes in attention.DEFAULT_REL_POS_KERNELS.items():
+        assert [start for start, _ in regimes] == sorted({start for start, _ in regimes}), device
+        assert regimes[0][0] == 0, device  # every call size has a default
+        for start, name in regimes:
+            assert name in attention.REL_POS_KERNELS, (device, name)
+            assert attention.default_rel_pos_kernel(device, start) == name
+
+
 # per block of (heads x rows), 3 heads x 35 rows in all: 1 x 1, 1 x 4 (ragged rows), 2 x 35 (ragged heads), all
 @pytest.mark.parametrize("elements", [1, 2 * 35 * 4, 2 * 35 * 35 * 2, 10**9])
 @pytest.mark.parametrize("inference", [False, True], ids=["autograd", "inference"])
@@ -60,6 +103,37 @@ def test_blocked_mask_at_every_block_shape(elements, inference):
             q, k, v, rel_h, rel_w, scale=q.shape[-1] ** -0.5, mask_block_elements=elements
         )
     assert rel_err(actual, expected) < TOL
+
+
+# half precision on the CPU: the biased logits are rounded once to the half type (the only rounding the fp32 reference
+# lacks besides the output's); logits up to ~10 here, so bf16's 8-bit mantissa moves a probability by up to ~3%
+HALF_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("elements", [2 * 35 * 4, 2 * 35 * 35 * 2, None])  # ragged rows, ragged heads, one block
+def test_half_precision_cpu_mask_kernel_equals_the_formula(dtype, elements):
+    """The CPU's half-precision blocks (one baddbmm onto the mask, softmax on half logits) against the eager formula
+    in float64 on the same half-precision inputs, and its gradients against float64 autograd."""
+    q, k, v, rel_pos_h, rel_pos_w, size = _attention_inputs()
+    inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    rel_h, rel_w = (t.detach().to(dtype).requires_grad_() for t in decomposed_rel_pos(q, rel_pos_h, rel_pos_w, *size))
+    inputs += [rel_h, rel_w]
+    reference = [t.detach().double().requires_grad_() for t in inputs]
+    scale = q.shape[-1] ** -0.5
+    actual = attention.masked_rel_pos_attention(*inputs, scale=scale, mask_block_elements=elements)
+    expected = attention.eager_rel_pos_attention(*reference, scale=scale)
+    assert actual.dtype == dtype
+    assert rel_err(actual.double(), expected) < HALF_TOL[dtype]
+    with torch.inference_mode():
+        assert torch.equal(
+            attention.masked_rel_pos_attention(*inputs, scale=scale, mask_block_elements=elements), actual
+        )
+    upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    actual.backward(upstream.to(dtype))
+    expected.backward(upstream)
+    for name, half, exact in zip(("q", "k", "v", "rel_h", "rel_w"), inputs, reference):
+        assert rel_err(half.grad.double(), exact.grad) < 2 * HALF_TOL[dtype], name
 
 
 def test_folded_kernel_runs_a_fused_sdpa_kernel():
@@ -130,7 +204,7 @@ def test_forward_with_tiles_equals_encode_views():
     assert rel_err(out.global_embeds, single_pages) < TOL
 
 
-@pytest.mark.parametrize("kernel", ["mask", "folded"])
+@pytest.mark.parametrize("kernel", ["mask", "folded", "flex"])
 def test_compile_has_no_graph_breaks_and_matches(kernel):
     model = random_model()
     model.set_attention_kernel(kernel)
@@ -235,3 +309,32 @@ def test_kernel_choice_is_not_saved(tmp_path):
     assert all(m.kernel is None for m in loaded.modules() if hasattr(m, "kernel"))
     with pytest.raises(ValueError, match="unknown rel-pos kernel"):
         loaded.set_attention_kernel("flash-but-not-registered")
+
+
+def test_position_tables_cached_per_size_and_refreshed_after_updates():
+    """Inference reuses the resized/gathered position tables of a size; an in-place parameter update (an optimizer
+    step), new weights or autograd recording make them be computed again, so outputs always match the parameters."""
+    model = random_model()
+    sam_attention = model.sam.blocks[1].attn  # a global block: its tables are resized to the grid
+    pixels = torch.randn(1, 3, 320, 256)
+    with torch.inference_mode():
+        first = model.sam.position_embedding(20, 16)
+        assert model.sam.position_embedding(20, 16) is first
+        assert sam_attention.rel_pos_tables(20, 16)[0] is sam_attention.rel_pos_tables(20, 16)[0]
+        assert model.sam.position_embedding(24, 16) is not first
+        cached = model.encode_views(pixels).image_embeds
+    with torch.no_grad():
+        model.sam.pos_embed.mul_(-1)
+        sam_attention.rel_pos_h.add_(0.5)
+        model.clip.embeddings.position_embedding.weight.mul_(2)
+        updated = model.encode_views(pixels).image_embeds
+    with torch.enable_grad():  # computes every table afresh
+        expected = model.encode_views(pixels).image_embeds.detach()
+        assert model.sam.position_embedding(20, 16).requires_grad  # part of the graph, not a cached table
+    assert rel_err(cached, expected) > 1e-2  # the updates change the output...
+    assert rel_err(updated, expected) < 1e-6  # ...and the cached path sees them
+    model.load_state_dict(random_model(seed=1).state_dict())
+    with torch.inference_mode():
+        reloaded = model.encode_views(pixels).image_embeds
+    with torch.enable_grad():
+        assert rel_err(reloaded, model.encode_views(pixels).image_embeds.detach()) < 1e-6

@@ -7,15 +7,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..dtypes import DTYPE_NAMES, parse_dtype
-from ..image_processing_deepencoder import DeepEncoderImageProcessor
-from .deepseek_ocr2 import DEEPENCODER_V2
-from .hub import HubOptions
-from .io import CheckpointError
-from .load import load_clip, load_composed, load_composed_v2, load_segment_anything, load_tower
-from .save import save_converted
+
+if TYPE_CHECKING:
+    from .hub import HubOptions
+
+# parsing imports nothing heavy (`deepencoder encode` reuses the hub options below); the steps import what they run
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -106,6 +105,8 @@ def add_hub_options(parser: argparse.ArgumentParser) -> None:
 
 
 def hub_options(args: argparse.Namespace) -> HubOptions:
+    from .hub import HubOptions
+
     return HubOptions(
         revision=args.revision,
         cache_dir=args.cache_dir,
@@ -141,6 +142,9 @@ def clip_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]], description: str, processor: Any = None) -> int:
+    from .io import CheckpointError
+    from .save import save_converted
+
     try:
         model, report = load()
     except CheckpointError as error:
@@ -161,10 +165,14 @@ def _run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]], descript
 
 
 def run_tower(args: argparse.Namespace) -> int:
+    from .load import load_tower
+
     return _run(args, lambda: load_tower(args.src, hub=hub_options(args)), args.description.format(src=args.src))
 
 
 def run_segment_anything(args: argparse.Namespace) -> int:
+    from .load import load_segment_anything
+
     return _run(
         args,
         lambda: load_segment_anything(args.src, hub=hub_options(args)),
@@ -173,6 +181,8 @@ def run_segment_anything(args: argparse.Namespace) -> int:
 
 
 def run_clip(args: argparse.Namespace) -> int:
+    from .load import load_clip
+
     return _run(
         args,
         lambda: load_clip(args.src, hub=hub_options(args), clip_config=clip_options(args)),
@@ -181,6 +191,8 @@ def run_clip(args: argparse.Namespace) -> int:
 
 
 def run_compose(args: argparse.Namespace) -> int:
+    from .load import load_composed
+
     return _run(
         args,
         lambda: load_composed(args.sam, args.clip, hub=hub_options(args), clip_config=clip_options(args)),
@@ -189,6 +201,10 @@ def run_compose(args: argparse.Namespace) -> int:
 
 
 def run_deepseek_ocr2(args: argparse.Namespace) -> int:
+    from ..image_processing_deepencoder import DeepEncoderImageProcessor
+    from .deepseek_ocr2 import DEEPENCODER_V2
+    from .load import load_tower
+
     return _run(
         args,
         lambda: load_tower(args.src, family=DEEPENCODER_V2, hub=hub_options(args)),
@@ -198,6 +214,9 @@ def run_deepseek_ocr2(args: argparse.Namespace) -> int:
 
 
 def run_compose_v2(args: argparse.Namespace) -> int:
+    from ..image_processing_deepencoder import DeepEncoderImageProcessor
+    from .load import load_composed_v2
+
     return _run(
         args,
         lambda: load_composed_v2(args.sam, args.qwen2, hub=hub_options(args)),

@@ -283,7 +283,7 @@ class HubCacheFileSystem:
         if not files:
             raise CheckpointError(
                 f"{self.repo_id} (revision {revision}): not in the hub cache {self.folder.parent} and offline "
-                "(HF_HUB_OFFLINE / local_files_only); load it once online, or pass its local directory"
+                "(HF_HUB_OFFLINE / local_files_only); load it once online, or load a local copy"
             )
         return commit, files
 

@@ -10,20 +10,52 @@ Inputs and output folders may be fsspec URLs (`s3://...`, `file://...`). On a Ra
 'deepencoder[ray]'`): `from deepencoder.pipeline.ray import encode_dataset` (not imported here: Ray is optional).
 """
 
-from .dataset import EncodedPages, load_manifest, manifest_generator, to_hf_dataset
-from .runner import FEATURES, DeviceFailed, EncodeOptions, EncodeResult, encode, shard, tower_name
-from .sources import Document, PageError, RenderOptions, default_long_side, discover, parse_page_ranges
-from .weights import DEFAULT_WEIGHTS, WeightsError, load_model
-from .writer import OutputLocked
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .dataset import EncodedPages, load_manifest, manifest_generator, to_hf_dataset
+    from .names import DEFAULT_WEIGHTS, FEATURES
+    from .runner import DeviceFailed, EncodeOptions, EncodeResult, encode, shard, tower_name
+    from .sources import Document, PageError, RenderOptions, default_long_side, discover, parse_page_ranges
+    from .weights import WeightsError, load_model
+    from .writer import OutputLocked
+
+# public name -> the module defining it; loaded on first use (PEP 562), so that `deepencoder encode --help` and the
+# command's argument parsing import none of them
+_PUBLIC: dict[str, str] = {
+    "DEFAULT_WEIGHTS": "names",
+    "DeviceFailed": "runner",
+    "Document": "sources",
+    "EncodeOptions": "runner",
+    "EncodeResult": "runner",
+    "EncodedPages": "dataset",
+    "FEATURES": "names",
+    "OutputLocked": "writer",
+    "PageError": "sources",
+    "RenderOptions": "sources",
+    "WeightsError": "weights",
+    "default_long_side": "sources",
+    "discover": "sources",
+    "encode": "runner",
+    "load_manifest": "dataset",
+    "load_model": "weights",
+    "manifest_generator": "dataset",
+    "parse_page_ranges": "sources",
+    "shard": "runner",
+    "to_hf_dataset": "dataset",
+    "tower_name": "runner",
+}
 __all__ = [
     "DEFAULT_WEIGHTS",
-    "FEATURES",
     "DeviceFailed",
     "Document",
     "EncodeOptions",
     "EncodeResult",
     "EncodedPages",
+    "FEATURES",
     "OutputLocked",
     "PageError",
     "RenderOptions",
@@ -39,3 +71,16 @@ __all__ = [
     "to_hf_dataset",
     "tower_name",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -11,18 +11,23 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from PIL import Image
-
-from ..configuration_deepencoder_v2 import DeepEncoderV2Config
 from ..conversion.cli import add_hub_options, hub_options
 from ..dtypes import DTYPE_NAMES, parse_dtype
-from ..image_processing_deepencoder import AUTO, RESOLUTION_MODES, DeepEncoderImageProcessor
-from .plan import V2_AUTO_MODES, add_auto_options, auto_processor
-from .runner import FEATURES, DeviceFailed, EncodeOptions, encode, tower_name
-from .weights import DEFAULT_WEIGHTS, RANDOM, WeightsError, is_save_pretrained_dir, load_model
-from .writer import OutputLocked
+from ..image_processing_modes import AUTO, RESOLUTION_MODES, V2_AUTO_MODES
+from .names import DEFAULT_WEIGHTS, FEATURES, RANDOM
+from .plan import add_auto_options, auto_processor
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..image_processing_deepencoder import DeepEncoderImageProcessor
+    from .runner import EncodeOptions
+
+# Parsing the command line imports none of torch, transformers or the pipeline's modules (`deepencoder encode
+# --help` answers at once); each step below imports what it runs.
+V2_MODEL_TYPE = "deepencoder_v2"  # DeepEncoderV2Config.model_type, read without importing the config (the Ray driver)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -65,6 +70,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto (GPU of LOCAL_RANK if any, else CPU), cpu, cuda:0 ...")
     parser.add_argument("--batch-size", type=int, default=8, help="pages per forward pass")
     parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the tower per batch shape (model.compile(); compile "
+        "cache in $DEEPENCODER_COMPILE_CACHE when set, so later runs start in seconds)"
+    )  # fmt: skip
+    parser.add_argument(
         "--workers", type=int, default=2, help="processes decoding / rendering pages (0: a thread of this process)"
     )
     parser.add_argument("--prefetch", type=int, help="pages handed to the workers ahead of the model (default 2*batch)")
@@ -106,6 +115,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _processor(args: argparse.Namespace, v2: bool) -> DeepEncoderImageProcessor:
     """The run's processor; `--mode auto` without `--auto-modes` allows the tower's modes (V2: ocr2-base, ocr2)."""
+    from ..image_processing_deepencoder import DeepEncoderImageProcessor
+
     if args.mode == AUTO:
         if args.base_size is not None or args.tile_size is not None:
             raise ValueError("--mode auto takes no --base-size / --tile-size (each mode keeps its sizes)")
@@ -124,15 +135,19 @@ def _tower_mode(args: argparse.Namespace) -> str:
 
 def _weights_are_v2(args: argparse.Namespace) -> bool:
     """Whether --weights / --config name a DeepEncoder V2 tower, read without loading it (the Ray driver)."""
+    from .weights import is_save_pretrained_dir
+
     for path in (args.config, args.weights):
         if path and path != RANDOM and is_save_pretrained_dir(path):
-            return DeepEncoderV2Config.model_type == json.loads((Path(path) / "config.json").read_text())["model_type"]
+            return V2_MODEL_TYPE == json.loads((Path(path) / "config.json").read_text())["model_type"]
         if path and Path(path).is_file() and path.endswith(".json"):
-            return DeepEncoderV2Config.model_type == json.loads(Path(path).read_text()).get("model_type")
+            return V2_MODEL_TYPE == json.loads(Path(path).read_text()).get("model_type")
     return False
 
 
 def _init_distributed() -> tuple[int, int, int]:
+    import torch
+
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -145,12 +160,18 @@ def _init_distributed() -> tuple[int, int, int]:
 
 
 def _device(name: str, local_rank: int) -> torch.device:
+    import torch
+
     if name != "auto":
         return torch.device(name)
     return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _options(args: argparse.Namespace) -> EncodeOptions:
+    from PIL import Image
+
+    from .runner import EncodeOptions
+
     options = EncodeOptions(
         features=args.features,
         dtype=parse_dtype(args.dtype),
@@ -180,6 +201,8 @@ def _concurrency(text: str) -> int | tuple[int, int]:
 def _weights_error(error: BaseException | None) -> str | None:
     """The WeightsError message behind an exception Ray raised on the driver: a worker's exception kept as `cause`,
     or (an actor that died in its constructor) only as text in Ray's message."""
+    from .weights import WeightsError
+
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -196,6 +219,7 @@ def _weights_error(error: BaseException | None) -> str | None:
 
 def run_ray(args: argparse.Namespace) -> int:
     from .ray import encode_dataset
+    from .writer import OutputLocked
 
     say = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
     try:
@@ -243,14 +267,27 @@ def run_ray(args: argparse.Namespace) -> int:
 
 
 def run_encode(args: argparse.Namespace) -> int:
+    import torch
+
+    from .runner import DeviceFailed, encode, tower_name
+    from .weights import WeightsError, load_model
+    from .writer import OutputLocked
+
     if args.engine == "ray":
         return run_ray(args)
     rank, world_size, local_rank = _init_distributed()
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if rank == 0 else (lambda *a, **k: None)
     try:
-        try:
+        device = _device(args.device, local_rank)
+        try:  # built on the device, in the compute dtype
             model, description = load_model(
-                args.weights, args.config, seed=args.seed, mode=_tower_mode(args), hub=hub_options(args)
+                args.weights,
+                args.config,
+                seed=args.seed,
+                dtype=parse_dtype(args.compute_dtype),
+                mode=_tower_mode(args),
+                hub=hub_options(args),
+                device=device,
             )
         except WeightsError as error:
             print(f"error: {error}", file=sys.stderr)
@@ -260,10 +297,10 @@ def run_encode(args: argparse.Namespace) -> int:
             say(f"{banner}\n!! {description}\n{banner}")
         else:
             say(f"weights: {description}")
-        device = _device(args.device, local_rank)
-        model = model.to(device=device, dtype=parse_dtype(args.compute_dtype))
+        if args.compile:
+            model.compile()
         try:
-            processor = _processor(args, tower_name(model) == DeepEncoderV2Config.model_type)
+            processor = _processor(args, tower_name(model) == V2_MODEL_TYPE)
         except ValueError as error:
             say(f"error: {error}")
             return 2

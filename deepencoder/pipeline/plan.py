@@ -8,12 +8,10 @@ import argparse
 import json
 import sys
 
-from ..image_processing_auto_mode import DEFAULT_MAX_COMPRESSION
-from ..image_processing_deepencoder import AUTO, DEFAULT_AUTO_MODES, DeepEncoderImageProcessor
-from .auto_mode import AutoModeSummary, plan_pages
-from .sources import RenderOptions
+from ..image_processing_modes import AUTO, DEFAULT_AUTO_MODES, DEFAULT_MAX_COMPRESSION, V2_AUTO_MODES
 
-V2_AUTO_MODES = ("ocr2-base", "ocr2")  # DeepEncoder V2's modes: one global view, or with 768 px tiles
+# parsing imports nothing heavy (see pipeline/cli.py); the steps import what they run
+__all__ = ["V2_AUTO_MODES", "add_auto_options", "add_parser", "auto_processor", "run_plan"]
 
 
 def add_auto_options(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +37,8 @@ def add_auto_options(parser: argparse.ArgumentParser) -> None:
 
 
 def auto_processor(args: argparse.Namespace, default_modes: tuple[str, ...] = DEFAULT_AUTO_MODES):
+    from ..image_processing_deepencoder import DeepEncoderImageProcessor
+
     modes = args.auto_modes.split(",") if args.auto_modes else list(default_modes)
     return DeepEncoderImageProcessor(mode=AUTO, max_compression=args.max_compression, auto_modes=modes)
 
@@ -59,6 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from .auto_mode import AutoModeSummary, plan_pages
+    from .sources import RenderOptions
+
     try:
         processor = auto_processor(args)
         result = plan_pages(args.inputs, processor, RenderOptions(dpi=args.dpi), args.pages, args.tokenizer)

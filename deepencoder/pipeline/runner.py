@@ -20,6 +20,7 @@ from ..image_processing_auto_mode import ModeChoice
 from ..image_processing_deepencoder import AUTO, DeepEncoderImageProcessor, PagePlan, image_to_uint8, images_to_uint8
 from . import writer
 from .auto_mode import AutoModeReader, AutoModeSummary, concrete_mode
+from .names import FEATURES
 from .producer import START_METHODS, PageProducer, PageTask
 from .sources import (
     Document,
@@ -32,8 +33,6 @@ from .sources import (
     parse_page_ranges,
     select_pages,
 )
-
-FEATURES = ("projected", "pre-projector")
 
 
 @dataclass

@@ -17,14 +17,12 @@ from ..conversion.hub import HubOptions
 from ..conversion.io import CheckpointError
 from ..conversion.load import load_tower
 from ..image_processing_deepencoder import RESOLUTION_MODES
+from .names import DEFAULT_WEIGHTS, RANDOM
 
 TOWER_CONFIGS: dict[str, type[PretrainedConfig]] = {
     DeepEncoderConfig.model_type: DeepEncoderConfig,
     DeepEncoderV2Config.model_type: DeepEncoderV2Config,
 }
-
-DEFAULT_WEIGHTS = "deepseek-ai/DeepSeek-OCR"
-RANDOM = "random"
 
 
 class WeightsError(RuntimeError):
@@ -68,39 +66,39 @@ def load_model(
     dtype: torch.dtype | None = None,
     mode: str | None = None,
     hub: HubOptions | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, str]:
-    """Returns (tower in eval mode, a short description of where its weights came from).
+    """Returns (tower in eval mode on `device` in `dtype`, a short description of where its weights came from).
 
     hub: `from_pretrained`'s hub arguments for a hub id or a folder's `subfolder` (revision, cache_dir,
     local_files_only, token, subfolder, force_download); the ranges read are kept in the hub cache.
 
-    `random` initialises `config` (default: the released architecture of the tower `mode` is for) from `seed`,
-    identically in every process.
+    device: where the tower is built (default: the CPU). `random` initialises `config` (default: the released
+    architecture of the tower `mode` is for) from `seed` there, identically in every process on that device type
+    (fp32, then cast); a `save_pretrained` directory is read straight to it (safetensors); a converted checkpoint is
+    converted on the host and moved.
     """
     weights = os.fspath(weights)
     hub = hub or HubOptions()
+    device = torch.device(device) if device is not None else torch.device("cpu")
     if weights == RANDOM:
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
+        devices = [device] if device.type != "cpu" else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type), device:
+            torch.manual_seed(seed)
             model = AutoModel.from_config(load_config(config, mode))
-        finally:
-            torch.random.set_rng_state(generator_state)
         description = f"RANDOM weights (seed {seed}): outputs are meaningless, for trying the pipeline only"
     elif is_save_pretrained_dir(os.path.join(weights, hub.subfolder)):
-        model = AutoModel.from_pretrained(os.path.join(weights, hub.subfolder))
+        loading = {"dtype": dtype} if dtype is not None else {}
+        model = AutoModel.from_pretrained(os.path.join(weights, hub.subfolder), device_map=device, **loading)
         description = f"deepencoder checkpoint {weights}"
     else:
         try:
-            model, _ = load_tower(weights, family=None, hub=hub)
+            model, _ = load_tower(weights, family=None, dtype=dtype, hub=hub)
         except CheckpointError as error:
-            message = str(error)
-            if "pass its local directory" not in message:
-                message += (
-                    "; pass --weights with a local DeepSeek-OCR directory, a `deepencoder convert` output, or `random`"
-                )
+            message = (
+                f"{error}; pass --weights with a local DeepSeek-OCR directory, a `deepencoder convert` output, or "
+                "`random`"
+            )
             raise WeightsError(message) from error
         description = f"converted checkpoint {weights} (vision tensors only)"
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval(), description
+    return model.to(device=device, dtype=dtype).eval(), description
