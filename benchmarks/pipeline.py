@@ -12,7 +12,7 @@ every mode measures, on the same pages:
 - `feed_only`: the same run with the tower replaced by a stub returning zero tensors of the same shapes: what the
   page workers, the transfer, the normalisation and the writer sustain;
 - `tower_only`: the tower on the same pages prepared beforehand (upload, forward, copy back; on the CPU normalised
-  beforehand as the feeding thread does, with the threads `encode` gives the forward), no I/O.
+  beforehand as the feeding thread does), no I/O.
 The process runs under `deepencoder.runtime`'s allocator. Results: benchmarks/results/pipeline-<device>-<tower>.json
 and a bar chart next to it (`--out` another folder).
 """
@@ -115,19 +115,13 @@ def tower_rate(model, inputs: Path, mode: str, args) -> float:
     parameter = next(model.parameters())
     stage = work.stager(parameter.device, parameter.dtype)  # on the CPU normalised beforehand, as the feeder does
     pages = [stage(page) for page in pages] if stage is not None else pages
-    threads = torch.get_num_threads()
-    if parameter.device.type == "cpu":  # the threads `encode` gives the forward (the cores its workers leave)
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - args.workers))
-    try:
-        work.forward(model, pages[: args.batch_size])  # warm-up (kernels, allocator)
-        start = time.perf_counter()
-        for first in range(0, len(pages), args.batch_size):
-            work.forward(model, pages[first : first + args.batch_size])
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return len(pages) / (time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
+    work.forward(model, pages[: args.batch_size])  # warm-up (kernels, allocator)
+    start = time.perf_counter()
+    for first in range(0, len(pages), args.batch_size):
+        work.forward(model, pages[first : first + args.batch_size])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return len(pages) / (time.perf_counter() - start)
 
 
 def plot(report: dict, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The encode loop: documents -> pages (worker threads, bounded queue) -> batches through the tower -> parts,
+"""The encode loop: documents -> pages (worker processes, bounded queue) -> batches through the tower -> parts,
 manifest rows, document files. See `writer` for the on-disk protocol and `encode` for the API. `PageWork` is the
 per-page work the local loop and the Ray engine (`pipeline.ray`) share: rows, page preparation, tower batches."""
 
@@ -47,8 +47,9 @@ class EncodeOptions:
         prefetch: pages handed to the workers ahead of the model (default 2 * batch_size).
     worker_start: how worker processes start: auto (fork on Linux before any CUDA context, else forkserver /
         spawn), fork, forkserver, spawn.
-    threads: intra-op threads of the forward on the CPU during the run (default: the cores the workers leave, at
-        least 1; the previous setting is restored afterwards). Ignored on accelerators.
+    threads: intra-op threads of the forward on the CPU during the run, the previous setting restored afterwards
+        (default: the process's setting, all cores: on 2 cores a real-size tower runs 1.9x faster on 2 threads than
+        on 1, while the near-free tower is within 5% either way). Ignored on accelerators.
     pages: 0-based page ranges applied to every multi-page document, e.g. `0-2,5,9-`.
     dpi, max_image_pixels, max_aspect: see `RenderOptions` (dpi None: long side fitted to the mode).
     preview_dir: write `<document>/page.<i>.png` previews there.
@@ -577,13 +578,6 @@ def free_device_cache(model: torch.nn.Module) -> None:
         empty_cache()
 
 
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 class _Writer:
     """Writes off the encode loop: the loop hands over one item per batch (a bounded queue, so a slow disk holds
     the loop back instead of filling memory) and this thread writes the batch's parts, appends its rows to the
@@ -768,12 +762,10 @@ class _Encoder:
             pause(self.options.sleep_per_batch)
 
     def _threads(self) -> int | None:
-        """Intra-op threads of the forward on the CPU: `options.threads`, or the cores the page workers leave."""
+        """Intra-op threads of the forward on the CPU for this run: `options.threads` (None: unchanged)."""
         if next(self.model.parameters()).device.type != "cpu":
             return None
-        if self.options.threads:
-            return self.options.threads
-        return max(1, _cores() - max(0, self.options.workers))
+        return self.options.threads or None
 
     def run(self, documents: list[Document]) -> EncodeResult:
         from tqdm.auto import tqdm
