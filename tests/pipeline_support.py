@@ -192,6 +192,19 @@ def wait_for(condition, process: subprocess.Popen | None = None, what: str = "")
         time.sleep(0.02)
 
 
+def processes_with(text: str) -> list[int]:
+    """Pids of this machine's processes whose command line contains `text` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
 class CrashOnce(torch.nn.Module):
     """A tower whose first forward (in any process) kills its process, as a segfaulting page or an OOM-killed
     worker would: `marker` is created first, so the retried batch runs normally."""

@@ -8,7 +8,16 @@ import subprocess
 from collections import Counter
 
 import torch
-from pipeline_support import CLI_SIZE, cli, direct_outputs, gated_cli, make_documents, tiny_weights, wait_for
+from pipeline_support import (
+    CLI_SIZE,
+    cli,
+    direct_outputs,
+    gated_cli,
+    make_documents,
+    processes_with,
+    tiny_weights,
+    wait_for,
+)
 from safetensors.torch import load_file
 
 from deepencoder import DeepEncoderModel
@@ -29,6 +38,8 @@ def test_kill_then_resume(tmp_path):
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    # its page worker processes notice and stop by themselves (a hang here fails after wait_for's limit)
+    wait_for(lambda: not processes_with(str(tmp_path / "gate")), what="the killed run's page workers to exit")
     killed_rows = read_rows(manifest)
     assert len(killed_rows) == 2  # batch size 1: one row per batch, the run stopped after two
     for path in out.glob("*.safetensors"):  # whatever exists under a final name loads
@@ -70,6 +81,7 @@ def test_kill_between_a_part_and_its_rows_then_resume(tmp_path, monkeypatch):
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
+    wait_for(lambda: not processes_with(str(gate)), what="the killed run's page workers to exit")
     killed_rows = read_rows(out / "manifest.jsonl")
     parts = [p for p in (out / ".parts").rglob("*.safetensors") if ".tmp-" not in p.name]
     on_disk = {(p.parent.relative_to(out / ".parts").as_posix(), int(k.split(".")[1])) for p in parts

@@ -71,8 +71,12 @@ def _from_wire(result):
     return result
 
 
-def _worker_main(conn, work_blob: bytes) -> None:
-    """A worker's loop: receive a task (None: stop), answer `(seq, PageInput | PageFailure)` pickled."""
+def _worker_main(conn, work_blob: bytes, parent_end=None) -> None:
+    """A worker's loop: receive a task (None: stop), answer `(seq, PageInput | PageFailure)` pickled.
+    parent_end: with `fork`, the parent's end of this worker's pipe, inherited: closed at once, so that a send to a
+    parent that died fails instead of filling a pipe this process itself keeps open."""
+    if parent_end is not None:
+        parent_end.close()
     import torch
 
     torch.set_num_threads(1)  # pages are prepared one per process; the cores belong to the processes
@@ -80,8 +84,14 @@ def _worker_main(conn, work_blob: bytes) -> None:
     work.in_worker()
     reader = work.page_reader()
     open_documents: deque[Document] = deque()
+    parent = os.getppid()
     try:
         while True:
+            # a killed encode process never sends `None`, and with `fork` its end of the pipe may live on in
+            # sibling workers (no EOF): a worker whose parent is gone (re-parented) stops by itself
+            while not conn.poll(1.0):
+                if os.getppid() != parent:
+                    return
             message = conn.recv()
             if message is None:
                 return
@@ -101,8 +111,9 @@ def _worker_main(conn, work_blob: bytes) -> None:
 class _Worker:
     def __init__(self, context, work_blob: bytes, number: int) -> None:
         self.conn, child = context.Pipe(duplex=True)
+        inherited = self.conn if context.get_start_method() == "fork" else None
         self.process = context.Process(
-            target=_worker_main, args=(child, work_blob), name=f"deepencoder-page-{number}", daemon=True
+            target=_worker_main, args=(child, work_blob, inherited), name=f"deepencoder-page-{number}", daemon=True
         )
         self.process.start()
         child.close()
