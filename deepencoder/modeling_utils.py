@@ -138,6 +138,7 @@ class CompileMixin:
         *,
         cache_dir: str | os.PathLike | None = None,
         dynamic: bool | None = False,
+        views_per_call: int | None = None,
         **options: Any,
     ) -> None:
         """torch.compile `encode_views` in place: one graph per view size and batch size (`dynamic=False`, the
@@ -151,6 +152,12 @@ class CompileMixin:
         (`torch.compiler.save_cache_artifacts`, autotuning results included) are written to
         `cache_dir/torch-<version>-<device>.bin` and loaded by `compile()` on another machine sharing the folder.
         Without it PyTorch's default local cache (under the temp directory) still applies.
+
+        Shape-stable calls: with `views_per_call=N` the compiled graph always sees exactly N views. The views of a
+        call are run in chunks of N, the last chunk filled up with zero views whose outputs are dropped, so a tower
+        fed batches of varying size (the last batch of a run, Gundam pages with varying tile counts) compiles one
+        graph per view size instead of one per count, and padding never appears in an output. Views are encoded
+        independently of each other, so a view's tokens do not depend on what shares its chunk.
         """
         import torch
 
@@ -170,7 +177,13 @@ class CompileMixin:
         compiled = torch.compile(type(self).encode_views.__get__(self), mode=mode, dynamic=dynamic, **options)
         seen: set = set()
 
+        if views_per_call is not None and views_per_call < 1:
+            raise ValueError(f"views_per_call must be a positive number of views, got {views_per_call}")
+
         def encode_views(pixel_values, *args, **kwargs):
+            size = encode_views.views_per_call  # may be lowered later (`set_views_per_call`)
+            if size is not None and pixel_values.shape[0] != size:
+                return run_in_chunks(encode_views, pixel_values, size, *args, **kwargs)
             out = compiled(pixel_values, *args, **kwargs)
             signature = (
                 tuple(pixel_values.shape),
@@ -185,11 +198,54 @@ class CompileMixin:
             return out
 
         encode_views.__doc__ = type(self).encode_views.__doc__
+        encode_views.views_per_call = views_per_call
         self.__dict__["encode_views"] = encode_views  # shadows the method until `uncompile()`
+
+    @property
+    def views_per_call(self) -> int | None:
+        """Views per call of the compiled `encode_views` (`compile(views_per_call=)`); None when not compiled or
+        not fixed."""
+        return getattr(self.__dict__.get("encode_views"), "views_per_call", None)
+
+    def set_views_per_call(self, size: int) -> None:
+        """Change the fixed views per compiled call (a pipeline halving its batches after running out of memory:
+        the next call compiles the new size once)."""
+        if size < 1:
+            raise ValueError(f"views_per_call must be a positive number of views, got {size}")
+        wrapper = self.__dict__.get("encode_views")
+        if wrapper is None:
+            raise RuntimeError("set_views_per_call needs a tower compiled with compile(views_per_call=...)")
+        wrapper.views_per_call = size
 
     def uncompile(self) -> None:
         """Back to the eager `encode_views` (compiled graphs stay in torch's caches)."""
         self.__dict__.pop("encode_views", None)
+
+
+def run_in_chunks(encode_views: Callable, pixel_values: torch.Tensor, size: int, *args: Any, **kwargs: Any):
+    """`encode_views` over (B, 3, H, W) views in calls of exactly `size` views: the last call's views completed with
+    zero views, whose rows are cut from every output tensor; the chunks' outputs joined along the view dimension
+    (tensors and tuples of tensors; anything else, such as a token grid, taken from the first chunk)."""
+    import torch
+
+    count = pixel_values.shape[0]
+    outputs = []
+    for start in range(0, max(count, 1), size):  # no views: one call of padding, cut to zero rows
+        chunk = pixel_values[start : start + size]
+        real = chunk.shape[0]
+        if real < size:
+            chunk = torch.cat([chunk, chunk.new_zeros((size - real, *chunk.shape[1:]))])
+        outputs.append((encode_views(chunk, *args, **kwargs), real))
+    first = outputs[0][0]
+    joined = {}
+    for name, value in first.items():
+        if isinstance(value, torch.Tensor):
+            joined[name] = torch.cat([out[name][:real] for out, real in outputs])
+        elif isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+            joined[name] = tuple(torch.cat([out[name][i][:real] for out, real in outputs]) for i in range(len(value)))
+        else:
+            joined[name] = value
+    return type(first)(**joined)
 
 
 def _save_cache_artifacts(path: Path) -> None:

@@ -113,3 +113,91 @@ def test_cli_encode_compile_flag(tmp_path, monkeypatch):
         tokens[bool(flags)] = load_file(str(out / row["output"]))[row["key"]]
     assert compiled == ["DeepEncoderModel"]
     assert rel_err(tokens[True], tokens[False]) < TOL
+
+
+class _ShapeRecorder:
+    """A torch.compile backend that runs the traced graph as is and notes the view shapes of every graph built."""
+
+    def __init__(self):
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __call__(self, graph, example_inputs):
+        self.shapes += [
+            tuple(x.shape)  # RGB views; the graph's other inputs are parameters (a patch kernel is (C, 3, 16, 16))
+            for x in example_inputs
+            if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] == 3 and x.shape[-1] >= 64
+        ]
+        return graph.forward
+
+
+def _gundam_like_batches(generator):
+    """Two batches of pages with differing tile counts (3 pages: 2x1, 1x1, 3x1 tiles; then 2 pages: 1x2, 2x2),
+    global views 256 px and tiles 128 px."""
+    batches = []
+    for grids in ([(2, 1), (1, 1), (3, 1)], [(1, 2), (2, 2)]):
+        tiled = [g for g in grids if g != (1, 1)]
+        tiles = sum(c * r for c, r in tiled)
+        batches.append((torch.randn(len(grids), 3, 256, 256, generator=generator),
+                        torch.randn(tiles, 3, 128, 128, generator=generator), grids))  # fmt: skip
+    return batches
+
+
+def test_fixed_views_per_call_compiles_one_graph_per_view_size_and_never_outputs_padding():
+    """`compile(views_per_call=4)`: batches of 3 and 2 pages with 5 and 6 tiles reach the compiled graph only as
+    4 views of 256 px and 4 tiles of 128 px; every page's tokens equal the eager tower's on that page alone (1e-5),
+    token counts are the layout's (no padded view's tokens), and `set_views_per_call` moves to a new size."""
+    model = random_model()
+    batches = _gundam_like_batches(torch.Generator().manual_seed(5))
+    expected = []
+    with torch.inference_mode():
+        for views, tiles, grids in batches:
+            start = 0
+            for i, grid in enumerate(grids):  # each page alone: nothing shares its call
+                count = grid[0] * grid[1] if grid != (1, 1) else 0
+                alone = model(views[i : i + 1], tiles[start : start + count] if count else None, [grid])
+                expected.append(alone.image_embeds[0])
+                start += count
+    torch._dynamo.reset()
+    recorder = _ShapeRecorder()
+    model.compile(backend=recorder, views_per_call=4)
+    assert model.views_per_call == 4
+    actual = []
+    with torch.inference_mode():
+        for views, tiles, grids in batches:
+            actual += model(views, tiles, grids).image_embeds
+    assert sorted(set(recorder.shapes)) == [(4, 3, 128, 128), (4, 3, 256, 256)]
+    assert [a.shape for a in actual] == [e.shape for e in expected]
+    assert max(rel_err(a, e) for a, e in zip(actual, expected)) < TOL
+    model.set_views_per_call(2)
+    with torch.inference_mode():
+        again = model(*batches[1][:2], batches[1][2]).image_embeds
+    assert (2, 3, 256, 256) in recorder.shapes and (2, 3, 128, 128) in recorder.shapes
+    assert max(rel_err(a, e) for a, e in zip(again, expected[3:])) < TOL
+    model.uncompile()
+    assert model.views_per_call is None
+
+
+def test_fixed_views_per_call_v2_hidden_states_cut_to_the_real_views():
+    """V2: a call of 3 tiles of 768 px with `views_per_call=2` runs as two calls of 2; outputs and every hidden
+    state hold exactly the 3 real views and equal the eager tower's (1e-5)."""
+    from fixtures.v2_support import tiny_config_kwargs
+    from helpers import randomize_
+
+    from deepencoder import DeepEncoderV2Config, DeepEncoderV2Model
+
+    model = randomize_(DeepEncoderV2Model(DeepEncoderV2Config(**tiny_config_kwargs())), 0).eval()
+    views = torch.randn(3, 3, 768, 768, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        expected = model.encode_views(views, output_hidden_states=True)
+    torch._dynamo.reset()
+    recorder = _ShapeRecorder()
+    model.compile(backend=recorder, views_per_call=2)
+    with torch.inference_mode():
+        actual = model.encode_views(views, output_hidden_states=True)
+    model.uncompile()
+    assert set(recorder.shapes) == {(2, 3, 768, 768)}
+    assert actual.image_embeds.shape == expected.image_embeds.shape
+    assert rel_err(actual.image_embeds, expected.image_embeds) < TOL
+    for got, want in zip(actual.sam_hidden_states + actual.encoder_hidden_states,
+                         expected.sam_hidden_states + expected.encoder_hidden_states, strict=True):  # fmt: skip
+        assert got.shape == want.shape and rel_err(got, want) < TOL

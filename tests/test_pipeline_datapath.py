@@ -215,6 +215,38 @@ def test_out_of_memory_halves_the_batch(tmp_path, model, capsys):
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+def test_out_of_memory_lowers_a_compiled_towers_views_per_call(tmp_path, model, capsys):
+    """A tower compiled on fixed shapes (`--compile`: views_per_call = batch size) whose 4-view graph runs out of
+    memory: the run halves its batches and the views per compiled call with them (padding a half batch back up to
+    4 views would need the same memory), and the pages equal a plain run's."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 5)
+
+    def backend(graph, example_inputs):
+        def run(*inputs):
+            if any(x.dim() == 4 and x.shape[:2] == (4, 3) for x in inputs if isinstance(x, torch.Tensor)):
+                raise torch.OutOfMemoryError("CUDA out of memory.")
+            return graph.forward(*inputs)
+
+        return run
+
+    compiled = random_model()
+    torch._dynamo.reset()
+    compiled.compile(backend=backend, views_per_call=4)
+    try:
+        result = encode([str(tmp_path / "in")], tmp_path / "out", compiled, processor(), batch_size=4, workers=0,
+                        progress=False)  # fmt: skip
+        assert compiled.views_per_call == 2
+    finally:
+        compiled.uncompile()
+    assert result.ok and result.pages_ok == 5
+    assert "batches are now of 2 pages" in capsys.readouterr().err
+    encode([str(tmp_path / "in")], tmp_path / "plain", model, processor(), batch_size=2, workers=0, progress=False)
+    expected, got = stored(tmp_path / "plain"), stored(tmp_path / "out")
+    assert set(got) == set(expected)
+    assert all(torch.allclose(got[k], expected[k], rtol=1e-5, atol=1e-6) for k in expected)
+
+
 def test_sticky_device_error_stops_the_run_and_resume_completes(tmp_path, model):
     (tmp_path / "in").mkdir()
     make_pdf(tmp_path / "in" / "book.pdf", 4)

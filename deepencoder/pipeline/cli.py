@@ -70,8 +70,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto (GPU of LOCAL_RANK if any, else CPU), cpu, cuda:0 ...")
     parser.add_argument("--batch-size", type=int, default=8, help="pages per forward pass")
     parser.add_argument(
-        "--compile", action="store_true", help="torch.compile the tower per batch shape (model.compile(); compile "
-        "cache in $DEEPENCODER_COMPILE_CACHE when set, so later runs start in seconds)"
+        "--compile", action="store_true", help="torch.compile the tower (model.compile()) on fixed shapes: views run "
+        "in calls of --batch-size views, padded and cut, so one graph per view size serves every batch (Gundam "
+        "tile counts included); compile cache in $DEEPENCODER_COMPILE_CACHE when set, so later runs start in seconds"
     )  # fmt: skip
     parser.add_argument(
         "--workers", type=int, default=2, help="processes decoding / rendering pages (0: a thread of this process)"
@@ -298,7 +299,7 @@ def run_encode(args: argparse.Namespace) -> int:
         else:
             say(f"weights: {description}")
         if args.compile:
-            model.compile()
+            model.compile(views_per_call=args.batch_size)  # one graph per view size, whatever a batch holds
         try:
             processor = _processor(args, tower_name(model) == V2_MODEL_TYPE)
         except ValueError as error:

@@ -431,6 +431,7 @@ class PageWork:
                     half = (len(batch) + 1) // 2
                     if half < self.batch_limit:
                         self.batch_limit = half
+                        shrink_views_per_call(model, half)
                         print(f"warning: out of memory on a batch of {len(batch)} pages; device cache freed, "
                               f"batches are now of {half} pages", file=sys.stderr)  # fmt: skip
                     return self.encode_batch(model, batch[:half]) + self.encode_batch(model, batch[half:])
@@ -567,6 +568,14 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def shrink_views_per_call(model: torch.nn.Module, pages: int) -> None:
+    """After out of memory: a tower compiled with fixed views per call (`--compile`) runs at most `pages` views per
+    call from now on (padding a half batch up to the old size would need the same memory again)."""
+    size = getattr(model, "views_per_call", None)
+    if size is not None and size > pages:
+        model.set_views_per_call(pages)
 
 
 def free_device_cache(model: torch.nn.Module) -> None:
