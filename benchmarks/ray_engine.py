@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
+from benchmarks.pipeline import make_input
 from deepencoder import DeepEncoderConfig, DeepEncoderImageProcessor, DeepEncoderModel, runtime
 
 RESULTS = Path(__file__).parent / "results"
@@ -35,20 +35,6 @@ TINY = dict(
     clip_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=56),
     projector_dim=80,
 )  # fmt: skip
-
-
-def make_input(folder: Path, pages: int, per_pdf: int = 5) -> None:
-    """`pages` letter-sized text pages in PDFs of `per_pdf` pages."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for start in range(0, pages, per_pdf):
-        images = []
-        for index in range(start, min(pages, start + per_pdf)):
-            page = Image.new("RGB", (850, 1100), "white")
-            draw = ImageDraw.Draw(page)
-            for line in range(40):
-                draw.text((60, 60 + 24 * line), f"document {start // per_pdf} page {index} line {line} " * 3, "black")
-            images.append(page)
-        images[0].save(folder / f"doc{start // per_pdf:03d}.pdf", save_all=True, append_images=images[1:])
 
 
 def processor(args) -> DeepEncoderImageProcessor:
@@ -138,7 +124,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="deepencoder-ray-bench-"))
     try:
-        make_input(work / "in", args.pages)
+        make_input(work / "in", args.pages, per_pdf=5)
         torch.manual_seed(0)
         config = DeepEncoderConfig(**TINY) if args.tower == "tiny" else DeepEncoderConfig()
         DeepEncoderModel(config).save_pretrained(work / "weights")

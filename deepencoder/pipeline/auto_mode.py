@@ -31,9 +31,9 @@ from ..image_processing_deepencoder import AUTO, DeepEncoderImageProcessor
 from .sources import (
     PDFIUM_LOCK,
     Document,
+    OpenPdfs,
     PageError,
     RenderOptions,
-    _open_pdf,
     check_size,
     decode_image_page,
     default_long_side,
@@ -71,7 +71,7 @@ class AutoPage:
     choice: ModeChoice
 
 
-class AutoModeReader:
+class AutoModeReader(OpenPdfs):
     """Reads pages for `--mode auto` (thread-safe: pdfium calls hold `PDFIUM_LOCK`). PDFs stay open between pages
     of a document until `release` / `close`.
 
@@ -87,12 +87,12 @@ class AutoModeReader:
     ) -> None:
         if processor.mode != AUTO:
             raise ValueError(f"AutoModeReader needs a mode='auto' processor, got mode={processor.mode!r}")
+        super().__init__()
         self.processor = processor
         self.processors = processor.mode_processors()
         self.render = render
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         self.calibration = calibration
-        self._pdfs: dict[str, Any] = {}
 
     def render_options(self, mode: str) -> RenderOptions:
         return replace(self.render, target_long_side=default_long_side(self.processors[mode].resolution))
@@ -107,12 +107,6 @@ class AutoModeReader:
 
     def _pixel_estimate(self, image: Image.Image) -> TextEstimate:
         return TextEstimate(estimate_pixel_text_tokens(image, self.calibration), "pixels")
-
-    def _pdf(self, source: str):
-        pdf = self._pdfs.get(source)
-        if pdf is None:
-            pdf = self._pdfs[source] = _open_pdf(source)
-        return pdf
 
     def _pdf_sizes(self, width_pt: float, height_pt: float) -> dict[str, tuple[int, int]]:
         """Each mode's rendered page size in pixels (pypdfium2 rounds up)."""
@@ -175,18 +169,6 @@ class AutoModeReader:
         if tokens != choice.vision_tokens:
             choice = replace(choice, vision_tokens=tokens, compression=choice.text_tokens / tokens)
         return AutoPage(image, processor, choice)
-
-    def release(self, document: Document) -> None:
-        with PDFIUM_LOCK:
-            pdf = self._pdfs.pop(document.source, None)
-            if pdf is not None:
-                pdf.close()
-
-    def close(self) -> None:
-        with PDFIUM_LOCK:
-            for pdf in self._pdfs.values():
-                pdf.close()
-            self._pdfs.clear()
 
 
 # ---------------------------------------------------------------------------------------------- summary

@@ -339,25 +339,18 @@ def decode_image_page(source: str, index: int, options: RenderOptions) -> Image.
         raise PageError(f"cannot decode image ({type(error).__name__}: {error})") from error
 
 
-class PageReader:
-    """Renders pages of documents from worker threads. PDFs stay open between pages of the same document (one
-    pdfium handle per document, closed by `release`)."""
+class OpenPdfs:
+    """The pdfium documents a page reader keeps open between pages of the same document (one handle per document,
+    closed by `release` or `close`). `_pdf` is called with `PDFIUM_LOCK` held."""
 
-    def __init__(self, options: RenderOptions) -> None:
-        self.options = options
+    def __init__(self) -> None:
         self._pdfs: dict[str, object] = {}
 
-    def read(self, document: Document, index: int) -> Image.Image:
-        if document.kind != "pdf":
-            image = decode_image_page(document.source, index, self.options)
-        else:
-            with PDFIUM_LOCK:
-                pdf = self._pdfs.get(document.source)
-                if pdf is None:
-                    pdf = self._pdfs[document.source] = _open_pdf(document.source)
-                image = render_pdf_page(pdf, index, self.options)
-        check_size(image.width, image.height, self.options)
-        return image
+    def _pdf(self, source: str):
+        pdf = self._pdfs.get(source)
+        if pdf is None:
+            pdf = self._pdfs[source] = _open_pdf(source)
+        return pdf
 
     def release(self, document: Document) -> None:
         with PDFIUM_LOCK:
@@ -370,3 +363,21 @@ class PageReader:
             for pdf in self._pdfs.values():
                 pdf.close()
             self._pdfs.clear()
+
+
+class PageReader(OpenPdfs):
+    """Renders pages of documents from worker threads. PDFs stay open between pages of the same document (one
+    pdfium handle per document, closed by `release`)."""
+
+    def __init__(self, options: RenderOptions) -> None:
+        super().__init__()
+        self.options = options
+
+    def read(self, document: Document, index: int) -> Image.Image:
+        if document.kind != "pdf":
+            image = decode_image_page(document.source, index, self.options)
+        else:
+            with PDFIUM_LOCK:
+                image = render_pdf_page(self._pdf(document.source), index, self.options)
+        check_size(image.width, image.height, self.options)
+        return image
