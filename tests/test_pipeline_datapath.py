@@ -247,6 +247,49 @@ def test_out_of_memory_lowers_a_compiled_towers_views_per_call(tmp_path, model, 
     assert all(torch.allclose(got[k], expected[k], rtol=1e-5, atol=1e-6) for k in expected)
 
 
+def test_warm_up_runs_one_blank_batch_before_the_pages_and_changes_no_output(tmp_path, model):
+    """`warmup=True`: the tower's first call is a batch of `batch_size` blank letter-sized pages at this run's render
+    size (global views and tiles, as a GPU run gets by default), then the pages' batches; every page's tokens equal
+    a run without warm-up (the CPU default), which calls the tower only for the pages."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 5)
+    seen = []
+    record = lambda call, pixels: seen.append(pixels.clone()) or None  # noqa: E731
+    warm = FailingTower(model, record)
+    encode([str(tmp_path / "in")], tmp_path / "warm", warm, processor(), batch_size=3, workers=0, warmup=True,
+           progress=False)  # fmt: skip
+    assert warm.calls == 1 + 2  # the warm-up, then pages (0, 1, 2) and (3, 4)
+    blank = seen[0]
+    assert blank.shape[0] == 3 and all(torch.equal(view, blank[0]) for view in blank)
+    white = processor().normalize(torch.full((3, 1, 1), 255, dtype=torch.uint8))
+    middle = blank[0][:, blank.shape[2] // 2 :, blank.shape[3] // 2 :][:, :1, :1]
+    assert torch.equal(middle, white)  # a white page in the middle (padding lies at the sides)
+    plain = FailingTower(model, lambda call, pixels: None)
+    encode([str(tmp_path / "in")], tmp_path / "plain", plain, processor(), batch_size=3, workers=0, progress=False)
+    assert plain.calls == 2
+    expected, got = stored(tmp_path / "plain"), stored(tmp_path / "warm")
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_warm_up_out_of_memory_is_left_to_the_pages(tmp_path, model, capsys):
+    """A warm-up that runs out of memory frees the cache and the run goes on at full batch size; a sticky device
+    error in the warm-up stops the run before any page (`DeviceFailed`)."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 4)
+    oom_first = lambda call, pixels: torch.OutOfMemoryError("CUDA out of memory.") if call == 1 else None  # noqa: E731
+    tower = FailingTower(model, oom_first)
+    result = encode([str(tmp_path / "in")], tmp_path / "out", tower, processor(), batch_size=4, workers=0,
+                    warmup=True, progress=False)  # fmt: skip
+    assert result.ok and result.pages_ok == 4 and tower.calls == 2
+    assert "out of memory" not in capsys.readouterr().err
+    sticky = lambda call, pixels: RuntimeError("CUDA error: an illegal memory access was encountered")  # noqa: E731
+    with pytest.raises(DeviceFailed):
+        encode([str(tmp_path / "in")], tmp_path / "sticky", FailingTower(model, sticky), processor(), batch_size=4,
+               workers=0, warmup=True, progress=False)  # fmt: skip
+    manifest = tmp_path / "sticky" / "manifest.jsonl"
+    assert not manifest.exists() or not read_rows(manifest)  # stopped before any page
+
+
 def test_sticky_device_error_stops_the_run_and_resume_completes(tmp_path, model):
     (tmp_path / "in").mkdir()
     make_pdf(tmp_path / "in" / "book.pdf", 4)

@@ -75,6 +75,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "tile counts included); compile cache in $DEEPENCODER_COMPILE_CACHE when set, so later runs start in seconds"
     )  # fmt: skip
     parser.add_argument(
+        "--warmup", action=argparse.BooleanOptionalAction, default=None, help="run one batch of blank pages "
+        "through the tower while the first pages render (default: on a GPU, not on the CPU)"
+    )  # fmt: skip
+    parser.add_argument(
         "--workers", type=int, default=2, help="processes decoding / rendering pages (0: a thread of this process)"
     )
     parser.add_argument("--prefetch", type=int, help="pages handed to the workers ahead of the model (default 2*batch)")
@@ -186,6 +190,7 @@ def _options(args: argparse.Namespace) -> EncodeOptions:
         progress=not args.no_progress,
         sleep_per_batch=args.sleep_per_batch,
         tokenizer=args.tokenizer,
+        warmup=args.warmup,
     )
     limit = args.max_image_pixels
     if limit is not None:  # also Pillow's own process-wide guard, which fires at open time above twice the limit

@@ -165,6 +165,8 @@ class _Tower:
             device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
         self.model = loader().to(device=torch.device(device), dtype=parse_dtype(dtype)).eval()
         self.work = PageWork(work.processor, work.options, tower_name(self.model))
+        if self.work.wants_warm_up(self.model):  # while the CPU stages prepare the first pages
+            self.work.warm_up(self.model)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         items = _unpack(batch)

@@ -56,6 +56,9 @@ class EncodeOptions:
     progress: progress bars; sleep_per_batch: seconds slept after each batch (to watch or interrupt a run).
     lock_stale_after: seconds without a heartbeat after which another run's lock on the output folder is stale.
     tokenizer: `mode="auto"`: a local transformers tokenizer directory counting text-layer pages exactly.
+    warmup: before the first batch, run one batch of blank pages through the device path while the workers render
+        the first pages (`PageWork.warm_up`); None (default): on accelerators, not on the CPU (where it would take
+        cores from the workers and gains little).
     """
 
     features: str = "projected"
@@ -74,6 +77,7 @@ class EncodeOptions:
     sleep_per_batch: float = 0.0
     lock_stale_after: float = 300.0
     tokenizer: str | os.PathLike | None = None
+    warmup: bool | None = None
 
 
 @dataclass
@@ -386,6 +390,36 @@ class PageWork:
                 output_pre_projector=pre,
             )
         return self.fetch(out.pre_projector if pre else out.image_embeds)
+
+    def wants_warm_up(self, model: torch.nn.Module) -> bool:
+        """`options.warmup`, or (None) whether the tower is on an accelerator."""
+        if self.options.warmup is not None:
+            return self.options.warmup
+        return next(model.parameters()).device.type != "cpu"
+
+    def warm_up(self, model: torch.nn.Module) -> None:
+        """One batch (`batch_limit` pages) of a blank letter-sized page, at the size this run renders PDF pages,
+        through the whole device path (upload, normalisation, forward, copy back), outputs discarded: libraries,
+        kernels and compiled graphs (`--compile`: the global-view and tile graphs) are loaded while the workers
+        render the first real pages. Out of memory here is left to the first real batch (the cache is freed); a
+        device failure raises `DeviceFailed`. `mode="auto"`: the largest allowed mode's shapes."""
+        processor = self.processor
+        if processor.mode == AUTO:
+            processor = processor.mode_processors()[concrete_mode(processor)]
+        long_side = self.render.target_long_side if self.render.dpi is None else round(11 * self.render.dpi)
+        size = (round(long_side * 8.5 / 11), long_side)
+        image = Image.new("RGB", size, "white")
+        plan = processor.plan(*size)
+        tiles = processor.tiles(image, plan)
+        page = PageInput(None, 0, plan, size, image_to_uint8(processor.global_view(image, plan)),
+                         images_to_uint8(tiles) if tiles else None, 0.0)  # fmt: skip
+        try:
+            self.launch(model, [page] * self.batch_limit)()
+        except Exception as error:  # noqa: BLE001 - the real batches decide what an error means
+            if is_device_failure(error):
+                raise device_failed(error) from error
+            if is_out_of_memory(error):
+                free_device_cache(model)
 
     def forward(self, model: torch.nn.Module, batch: list[PageInput]) -> list[torch.Tensor]:
         return self.launch(model, batch)()
@@ -797,6 +831,8 @@ class _Encoder:
         out = _Writer(self._write)
         batch: list[PageInput] = []
         try:
+            if documents and self.work.wants_warm_up(self.model):
+                self.work.warm_up(self.model)  # while the workers render the first pages
             while True:
                 item = items.get()
                 if item is _END:
