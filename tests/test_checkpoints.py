@@ -98,6 +98,34 @@ def test_from_deepseek_ocr_loads_vision_tensors_only(tmp_path):
     assert next(as_fp32.parameters()).dtype == torch.float32
 
 
+@pytest.mark.filterwarnings("ignore:.*to a meta parameter in the current model, which is a no-op")
+def test_converted_checkpoint_is_copied_straight_into_a_tower_built_on_the_device(tmp_path, monkeypatch):
+    """`load_model` / `from_pretrained(device_map=)` on a DeepSeek-OCR checkpoint: the tower is built on the target
+    device and the checkpoint's tensors are loaded into it there (the meta device stands in for a GPU: a tower built
+    on the host and moved would take its tensors on the CPU); on the CPU the values are the checkpoint's, cast."""
+    from deepencoder.pipeline.weights import load_model
+
+    source = write_deepseek_checkpoint(random_model(), tmp_path / "DeepSeek-OCR")
+    devices = []
+    load_state_dict = torch.nn.Module.load_state_dict
+
+    def recording(self, *args, **kwargs):
+        devices.append(next(self.parameters()).device.type)
+        return load_state_dict(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", recording)
+    on_meta, _ = load_model(str(source), device="meta", dtype=torch.float16)
+    assert devices == ["meta"]
+    assert {(p.device.type, p.dtype) for p in on_meta.parameters()} == {("meta", torch.float16)}
+    from_pretrained = DeepEncoderModel.from_pretrained(str(source), device_map="meta")
+    assert devices == ["meta", "meta"] and next(from_pretrained.parameters()).device.type == "meta"
+    on_cpu, _ = load_model(str(source), device="cpu", dtype=torch.float32)
+    expected = DeepEncoderModel.from_deepseek_ocr(str(source))  # bf16, the checkpoint's dtype, built on the CPU
+    assert devices[2:] == ["cpu", "cpu"]
+    for key, value in on_cpu.state_dict().items():
+        assert value.dtype == torch.float32 and torch.equal(value, expected.state_dict()[key].float()), key
+
+
 def test_missing_and_unexpected_vision_keys_are_named(tmp_path):
     model = random_model()
     source = write_deepseek_checkpoint(model, tmp_path / "a", drop=["model.sam_model.blocks.1.attn.rel_pos_w"])

@@ -179,14 +179,18 @@ def instantiate(
     report: ConversionReport,
     dtype: torch.dtype | None = None,
     allow_missing: bool | Callable[[str], bool] = False,
+    device: str | torch.device | None = None,
 ) -> PreTrainedModel:
     """Instantiate `model_class(config)` and load `state_dict` strictly. Keys the source lacks (allowed only where
     allow_missing says so: True, or a predicate on the key) keep a fresh model's initialisation and are listed in
-    the report. dtype None keeps the checkpoint's dtype (fp32 when it mixes floating dtypes)."""
+    the report. dtype None keeps the checkpoint's dtype (fp32 when it mixes floating dtypes). device: where the
+    model is built (default the CPU): the checkpoint's tensors are copied straight into it there, never into a host
+    copy that is moved afterwards."""
     if dtype is None:
         floating = {t.dtype for t in state_dict.values() if t.is_floating_point()}
         dtype = floating.pop() if len(floating) == 1 else torch.float32
-    with init.no_init_weights():  # every parameter is then either loaded or initialised below, never both
+    # every parameter is then either loaded or initialised below, never both
+    with init.no_init_weights(), torch.device(device if device is not None else "cpu"):
         model = model_class(config)
     missing = check_state_dict(model, state_dict, report.source, allow_missing=allow_missing)
     if missing:

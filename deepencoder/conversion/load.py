@@ -44,11 +44,12 @@ def load_tower(
     filesystem: Any = None,
     hub: HubOptions | None = None,
     remote: Remote | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, ConversionReport]:
     """Any checkpoint holding a whole tower of `family` (for v1: DeepSeek-OCR, transformers' UnlimitedOcr models
     in either naming, a deepencoder directory; for V2: DeepSeek-OCR-2; None: whichever tower the checkpoint holds,
     its family read from its layout) -> the model, loaded strictly, and the report. Only the vision tensors are
-    read.
+    read. device: where the model is built and the tensors copied to (default the CPU).
 
     hub: `from_pretrained`'s hub arguments (`HubOptions`: revision, cache_dir, local_files_only, token, subfolder,
     force_download; `revision` given here wins); the ranges read from the hub are kept in its cache
@@ -62,7 +63,7 @@ def load_tower(
         hub=hub,
         remote=remote,
     )
-    return build_model(part, dtype=dtype, config_kwargs=config_kwargs)
+    return build_model(part, dtype=dtype, config_kwargs=config_kwargs, device=device)
 
 
 def load_deepseek_ocr(
@@ -332,21 +333,20 @@ def load_converted_pretrained(
     config_kwargs = {key: kwargs[key] for key in config_keys & set(kwargs)}
     if isinstance(kwargs.get("config"), dict):
         config_kwargs = {**kwargs["config"], **config_kwargs}
-    model, _ = load_tower(
+    device = kwargs.get("device_map")
+    if isinstance(device, dict):
+        raise TypeError("a converted checkpoint loads on one device: device_map='cuda', 'cpu', 0, ...")
+    if device == "auto":
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        device = accelerator or "cpu"
+    model, _ = load_tower(  # built on the device, the tensors copied straight there
         str(path_or_repo_id),
         family=family,
         dtype=dtype,
         config_kwargs=config_kwargs,
         hub=HubOptions.from_kwargs(kwargs),
+        device=device,
     )
     if not isinstance(model, model_class):
         raise TypeError(f"{path_or_repo_id} holds a {type(model).__name__}, not a {model_class.__name__}")
-    device = kwargs.get("device_map")
-    if device is not None:
-        if isinstance(device, dict):
-            raise TypeError("a converted checkpoint loads on one device: device_map='cuda', 'cpu', 0, ...")
-        if device == "auto":
-            accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-            device = accelerator or "cpu"
-        model.to(device)
     return model

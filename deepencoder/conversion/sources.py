@@ -143,10 +143,11 @@ def build_model(
     *,
     dtype: torch.dtype | None = None,
     config_kwargs: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, ConversionReport]:
     """A checkpoint holding a whole tower -> its family's model, loaded strictly (every tensor present, none
-    unexpected). `config_kwargs` override the inferred config (for v1: `DeepEncoderConfig` values, `sam_config` /
-    `clip_config` dicts included)."""
+    unexpected), built on `device` (default the CPU). `config_kwargs` override the inferred config (for v1:
+    `DeepEncoderConfig` values, `sam_config` / `clip_config` dicts included)."""
     record, source = part.format, part.report.source
     if not record.whole_tower:
         held = ", ".join(sorted(record.provides))
@@ -156,7 +157,7 @@ def build_model(
         )
     config = infer_config(record.family, part.state_dict, part.config, config_kwargs or {}, source)
     report = ConversionReport(source=source, dropped=dict(part.report.dropped), licences=list(part.report.licences))
-    model = instantiate(record.family.model_class, config, part.state_dict, report, dtype=dtype)
+    model = instantiate(record.family.model_class, config, part.state_dict, report, dtype=dtype, device=device)
     return model, report
 
 

@@ -75,8 +75,8 @@ def load_model(
 
     device: where the tower is built (default: the CPU). `random` initialises `config` (default: the released
     architecture of the tower `mode` is for) from `seed` there, identically in every process on that device type
-    (fp32, then cast); a `save_pretrained` directory is read straight to it (safetensors); a converted checkpoint is
-    converted on the host and moved.
+    (fp32, then cast); a `save_pretrained` directory is read straight to it (safetensors); a converted checkpoint's
+    tower is built there (uninitialised) and the checkpoint's tensors copied into it, then cast to `dtype` there.
     """
     weights = os.fspath(weights)
     hub = hub or HubOptions()
@@ -93,7 +93,7 @@ def load_model(
         description = f"deepencoder checkpoint {weights}"
     else:
         try:
-            model, _ = load_tower(weights, family=None, dtype=dtype, hub=hub)
+            model, _ = load_tower(weights, family=None, dtype=dtype, hub=hub, device=device)
         except CheckpointError as error:
             message = (
                 f"{error}; pass --weights with a local DeepSeek-OCR directory, a `deepencoder convert` output, or "
