@@ -171,3 +171,31 @@ def test_gradient_checkpointing_flag_reaches_blocks():
     model.gradient_checkpointing_enable()
     assert all(block.gradient_checkpointing for block in model.sam.blocks)
     assert all(layer.gradient_checkpointing for layer in model.clip.transformer.layers)
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_random_weights_are_initialised_once_like_a_fresh_model(family):
+    """`--weights random` builds the tower with torch's per-layer default initialisation skipped and runs the
+    model's own `_init_weights` once: every parameter is finite and drawn like a freshly constructed model's
+    (same spread and centre per tensor; constants equal), the same seed gives the same tower, another seed not."""
+    from fixtures.v2_support import tiny_config_kwargs
+
+    from deepencoder import DeepEncoderV2Config, DeepEncoderV2Model
+    from deepencoder.pipeline.weights import load_model
+
+    config = tiny_config() if family == "v1" else DeepEncoderV2Config(**tiny_config_kwargs())
+    fresh = dict((DeepEncoderModel if family == "v1" else DeepEncoderV2Model)(config).named_parameters())
+    model, _ = load_model("random", config=config, seed=3)
+    again, _ = load_model("random", config=config, seed=3)
+    other, _ = load_model("random", config=config, seed=4)
+    for name, value in model.named_parameters():
+        reference = fresh[name]
+        assert torch.isfinite(value).all(), name
+        assert torch.equal(value, dict(again.named_parameters())[name]), name
+        if reference.numel() < 64 or reference.std() == 0:
+            if reference.std() == 0:
+                assert torch.equal(value, reference), name  # ones / zeros
+            continue
+        assert abs(value.std() / reference.std() - 1) < 0.35, name
+        assert abs(value.mean() - reference.mean()) < 0.35 * reference.std() + 1e-6, name
+    assert not torch.equal(next(model.parameters()), next(other.parameters()))

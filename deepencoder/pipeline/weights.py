@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
 
 from ..configuration_deepencoder import DeepEncoderConfig
 from ..configuration_deepencoder_v2 import DeepEncoderV2Config
@@ -74,7 +75,8 @@ def load_model(
     local_files_only, token, subfolder, force_download); the ranges read are kept in the hub cache.
 
     device: where the tower is built (default: the CPU). `random` initialises `config` (default: the released
-    architecture of the tower `mode` is for) from `seed` there, identically in every process on that device type
+    architecture of the tower `mode` is for) from `seed` there, once (the model's `_init_weights`; torch's default
+    layer initialisation, which it would overwrite, is skipped), identically in every process on that device type
     (fp32, then cast); a `save_pretrained` directory is read straight to it (safetensors); a converted checkpoint's
     tower is built there (uninitialised) and the checkpoint's tensors copied into it, then cast to `dtype` there.
     """
@@ -85,7 +87,9 @@ def load_model(
         devices = [device] if device.type != "cpu" else []
         with torch.random.fork_rng(devices=devices, device_type=device.type), device:
             torch.manual_seed(seed)
-            model = AutoModel.from_config(load_config(config, mode))
+            with init.no_init_weights():  # torch's default initialisation of each layer, overwritten below, skipped
+                model = AutoModel.from_config(load_config(config, mode))
+            model.init_weights()  # the model's own `_init_weights`, once
         description = f"RANDOM weights (seed {seed}): outputs are meaningless, for trying the pipeline only"
     elif is_save_pretrained_dir(os.path.join(weights, hub.subfolder)):
         loading = {"dtype": dtype} if dtype is not None else {}
