@@ -161,6 +161,8 @@ class CompileMixin:
         """
         import torch
 
+        if views_per_call is not None:
+            _check_views_per_call(views_per_call)
         self.uncompile()
         device = next(self.parameters()).device.type
         mode = mode if mode is not None else DEFAULT_COMPILE_MODES.get(device)
@@ -176,9 +178,6 @@ class CompileMixin:
                 torch.compiler.load_cache_artifacts(artifacts.read_bytes())
         compiled = torch.compile(type(self).encode_views.__get__(self), mode=mode, dynamic=dynamic, **options)
         seen: set = set()
-
-        if views_per_call is not None and views_per_call < 1:
-            raise ValueError(f"views_per_call must be a positive number of views, got {views_per_call}")
 
         def encode_views(pixel_values, *args, **kwargs):
             size = encode_views.views_per_call  # may be lowered later (`set_views_per_call`)
@@ -210,8 +209,7 @@ class CompileMixin:
     def set_views_per_call(self, size: int) -> None:
         """Change the fixed views per compiled call (a pipeline halving its batches after running out of memory:
         the next call compiles the new size once)."""
-        if size < 1:
-            raise ValueError(f"views_per_call must be a positive number of views, got {size}")
+        _check_views_per_call(size)
         wrapper = self.__dict__.get("encode_views")
         if wrapper is None:
             raise RuntimeError("set_views_per_call needs a tower compiled with compile(views_per_call=...)")
@@ -220,6 +218,11 @@ class CompileMixin:
     def uncompile(self) -> None:
         """Back to the eager `encode_views` (compiled graphs stay in torch's caches)."""
         self.__dict__.pop("encode_views", None)
+
+
+def _check_views_per_call(size: int) -> None:
+    if size < 1:
+        raise ValueError(f"views_per_call must be a positive number of views, got {size}")
 
 
 def run_in_chunks(encode_views: Callable, pixel_values: torch.Tensor, size: int, *args: Any, **kwargs: Any):

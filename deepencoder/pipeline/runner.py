@@ -288,10 +288,7 @@ class PageWork:
                 image, processor, choice = page.image, page.processor, page.choice
             else:
                 image = reader.read(document, index)
-            plan = processor.plan(image.width, image.height)
-            pixel_values = image_to_uint8(processor.global_view(image, plan))
-            tiles = processor.tiles(image, plan)
-            tile_tensor = images_to_uint8(tiles) if tiles else None
+            plan, pixel_values, tile_tensor = _views(processor, image)
             if self.preview_dir is not None:
                 from pathlib import Path
 
@@ -408,11 +405,8 @@ class PageWork:
             processor = processor.mode_processors()[concrete_mode(processor)]
         long_side = self.render.target_long_side if self.render.dpi is None else round(11 * self.render.dpi)
         size = (round(long_side * 8.5 / 11), long_side)
-        image = Image.new("RGB", size, "white")
-        plan = processor.plan(*size)
-        tiles = processor.tiles(image, plan)
-        page = PageInput(None, 0, plan, size, image_to_uint8(processor.global_view(image, plan)),
-                         images_to_uint8(tiles) if tiles else None, 0.0)  # fmt: skip
+        plan, pixel_values, tiles = _views(processor, Image.new("RGB", size, "white"))
+        page = PageInput(None, 0, plan, size, pixel_values, tiles, 0.0)
         try:
             self.launch(model, [page] * self.batch_limit)()
         except Exception as error:  # noqa: BLE001 - the real batches decide what an error means
@@ -500,6 +494,15 @@ class PageWork:
             )
             results.append((item, tensor, row))
         return results
+
+
+def _views(
+    processor: DeepEncoderImageProcessor, image: Image.Image
+) -> tuple[PagePlan, torch.Tensor, torch.Tensor | None]:
+    """A page image -> its plan, its global view (3, H, W) and its tiles (n, 3, t, t) or None, as uint8."""
+    plan = processor.plan(image.width, image.height)
+    tiles = processor.tiles(image, plan)
+    return plan, image_to_uint8(processor.global_view(image, plan)), images_to_uint8(tiles) if tiles else None
 
 
 def _consecutive(views: list[torch.Tensor]) -> torch.Tensor | None:
