@@ -118,14 +118,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def image_to_uint8(image: Image.Image) -> torch.Tensor:
-    """RGB PIL -> (3, H, W) uint8 tensor, contiguous (channels first)."""
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)))
+    """RGB PIL -> (3, H, W) uint8 tensor viewing the image's (H, W, 3) pixels (channels-last strides: no
+    transposing copy; `DeepEncoderImageProcessor.normalize` reads it in place, on whatever device it is moved to)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).movedim(-1, -3)
 
 
 def images_to_uint8(images: Sequence[Image.Image]) -> torch.Tensor:
-    """Same-size RGB PIL images -> (n, 3, H, W) uint8 tensor, contiguous."""
-    stacked = np.stack([np.asarray(image, dtype=np.uint8) for image in images])
-    return torch.from_numpy(np.ascontiguousarray(stacked.transpose(0, 3, 1, 2)))
+    """Same-size RGB PIL images -> (n, 3, H, W) uint8 tensor viewing their stacked (n, H, W, 3) pixels."""
+    return torch.from_numpy(np.stack([np.asarray(image, dtype=np.uint8) for image in images])).movedim(-1, -3)
+
+
+@dataclass(frozen=True)
+class PadSpot:
+    """Where a page lands, unresampled, in its padded global view: the view's (width, height), the (x, y) of the
+    page's top-left corner in it and the colour around it (see `DeepEncoderImageProcessor.pad_spot`)."""
+
+    size: tuple[int, int]
+    offset: tuple[int, int]
+    color: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -243,6 +253,28 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
     # ------------------------------------------------------------------ pixels
     def _pad_color(self) -> tuple[int, ...]:
         return tuple(int(m * 255) for m in self.image_mean)
+
+    def pad_spot(self, width: int, height: int, plan: PagePlan | None = None) -> PadSpot | None:
+        """When the global view of a width x height page is the page itself, not resampled, centred on the pad
+        colour (`ImageOps.pad` keeps a page that already fits the view at its size), and the page has no tiles:
+        where it lands. A renderer can then draw the page straight into the view (`pipeline.sources`), which is the
+        view `global_view` makes, pixel for pixel. None otherwise (the view needs the page image)."""
+        plan = plan or self.plan(width, height)
+        if self.resolution.global_view != "pad" or plan.num_tiles:
+            return None
+        view_w, view_h = plan.global_size
+        # ImageOps.contain's size for the page (its rounding), then ImageOps.pad's placement
+        fitted = (view_w, view_h)
+        if width / height != view_w / view_h:
+            if width / height > view_w / view_h:
+                fitted = (view_w, round(height / width * view_w))
+            else:
+                fitted = (round(width / height * view_h), view_h)
+        if fitted != (width, height):
+            return None
+        x = round((view_w - width) * 0.5) if width != view_w else 0
+        y = round((view_h - height) * 0.5) if width == view_w else 0
+        return PadSpot((view_w, view_h), (x, y), self._pad_color())
 
     def global_view(self, image: Image.Image, plan: PagePlan) -> Image.Image:
         mode = self.resolution

@@ -17,6 +17,7 @@ from helpers import random_model
 from pipeline_support import make_documents, make_pdf, processor, text_page
 from safetensors.torch import load_file
 
+from deepencoder import DeepEncoderImageProcessor
 from deepencoder.image_processing_deepencoder import image_to_uint8, images_to_uint8
 from deepencoder.pipeline import encode, runner, writer
 from deepencoder.pipeline.runner import DeviceFailed, PageWork
@@ -66,9 +67,83 @@ def test_normalize_is_the_float_path_bit_for_bit():
     assert torch.equal(proc.normalize(pixels, torch.bfloat16), reference.to(torch.bfloat16))
     page = text_page((40, 30), "uint8")
     assert torch.equal(proc.to_tensor(page), proc.normalize(image_to_uint8(page)))
-    assert image_to_uint8(page).is_contiguous() and image_to_uint8(page).dtype == torch.uint8
+    pixels = image_to_uint8(page)  # channels first, viewing the (H, W, 3) pixels: no transposing copy
+    assert pixels.shape == (3, 30, 40) and pixels.dtype == torch.uint8 and pixels.movedim(0, -1).is_contiguous()
+    assert torch.equal(pixels, torch.from_numpy(np.asarray(page).transpose(2, 0, 1).copy()))
     tiles = images_to_uint8([page, page.rotate(180)])
     assert tiles.shape == (2, 3, 30, 40) and torch.equal(tiles[1], image_to_uint8(page.rotate(180)))
+
+
+@pytest.mark.parametrize(
+    "size", [(80, 60), (96, 128), (128, 128), (127, 128), (128, 43), (5, 128), (128, 127), (160, 128), (129, 2)]
+)
+def test_pad_spot_is_where_imageops_pad_puts_the_page(size):
+    """Where `pad_spot` says a page lands unresampled, the view made by pasting it there is `global_view`'s, bit for
+    bit; where it says None, the view is not the page pasted anywhere (resampled), or the mode tiles the page."""
+    proc = DeepEncoderImageProcessor(mode="base", base_size=128)
+    page = text_page(size, "p")
+    view = np.asarray(proc.global_view(page, proc.plan(*size)))
+    spot = proc.pad_spot(*size)
+    fits = max(size) == 128  # a page rendered to the view's side, the other side then as it is
+    assert (spot is not None) == fits
+    if spot is not None:
+        (x, y), (w, h) = spot.offset, size
+        made = np.empty_like(view)
+        made[...] = np.asarray(spot.color, dtype=np.uint8)
+        made[y : y + h, x : x + w] = np.asarray(page)
+        assert spot.size == (128, 128) and np.array_equal(made, view)
+    else:  # resampled: no placement of the page itself makes the view
+        assert not any(np.array_equal(view[y : y + size[1], x : x + size[0]], np.asarray(page))
+                       for x in range(129 - size[0]) for y in range(129 - size[1]))  # fmt: skip
+    assert DeepEncoderImageProcessor(mode="gundam", base_size=128, tile_size=64).pad_spot(*size) is None
+    assert DeepEncoderImageProcessor(mode="tiny", base_size=128).pad_spot(*size) is None  # stretched, not padded
+
+
+@pytest.mark.parametrize("size", [(300, 400), (400, 250), (333, 333), (97, 401)])
+def test_pdf_pages_rendered_into_their_view_equal_the_image_path(tmp_path, size):
+    """pdfium drawing a page straight into its padded global view gives the uint8 view `global_view` makes from the
+    rendered image, pixel for pixel, and the same plan and page size; the page workers send it channels-last."""
+    from deepencoder.pipeline.sources import PaddedView
+
+    make_pdf(tmp_path / "a.pdf", 2, size=size)
+    proc = DeepEncoderImageProcessor(mode="base", base_size=256)
+    work = PageWork(proc, runner.EncodeOptions())
+    document = runner.discover([str(tmp_path / "a.pdf")])[0]
+    reader = work.page_reader()
+    try:
+        for index in range(2):
+            image = reader.read(document, index)  # the image path
+            drawn = reader.read(document, index, proc.pad_spot)
+            assert isinstance(drawn, PaddedView) and drawn.size == image.size and max(image.size) == 256
+            expected = np.array(proc.global_view(image, proc.plan(*image.size)))
+            assert np.array_equal(drawn.pixels, expected)
+            page = work.prepare(reader, document, index)
+            assert page.tiles is None and page.size == image.size and page.plan == proc.plan(*image.size)
+            assert torch.equal(page.pixel_values, torch.from_numpy(expected).movedim(-1, 0))
+    finally:
+        reader.close()
+
+
+def test_channels_last_pages_cross_the_pipe_and_join_without_transposing():
+    """A channels-last page goes through the worker pipe's encoding as its (H, W, 3) pixels and comes back as the
+    same values, still channels-last; a batch of them is joined channels-last; contiguous pixels are kept as is."""
+    import pickle
+
+    from deepencoder.pipeline.producer import _from_wire, _to_wire
+
+    page = runner.PageInput(None, 0, None, (40, 30), image_to_uint8(text_page((40, 30), "a")),
+                            images_to_uint8([text_page((16, 16), "t")] * 2), 0.0)  # fmt: skip
+    back = _from_wire(pickle.loads(pickle.dumps(_to_wire(page), protocol=pickle.HIGHEST_PROTOCOL)))
+    for before, after in ((page.pixel_values, back.pixel_values), (page.tiles, back.tiles)):
+        assert torch.equal(before, after) and after.movedim(-3, -1).is_contiguous()
+    plain = runner.replace(page, pixel_values=page.pixel_values.contiguous(), tiles=None)
+    back = _from_wire(pickle.loads(pickle.dumps(_to_wire(plain))))
+    assert torch.equal(back.pixel_values, plain.pixel_values) and back.pixel_values.is_contiguous()
+    views = [page.pixel_values, image_to_uint8(text_page((40, 30), "b"))]
+    joined = runner._join(views, stack=True)
+    assert torch.equal(joined, torch.stack([v.contiguous() for v in views])) and joined.movedim(1, -1).is_contiguous()
+    tiles = runner._join([page.tiles, page.tiles], stack=False)
+    assert torch.equal(tiles, torch.cat([page.tiles.contiguous()] * 2)) and tiles.movedim(1, -1).is_contiguous()
 
 
 def test_pages_cross_as_uint8(tmp_path):

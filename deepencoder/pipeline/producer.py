@@ -55,20 +55,33 @@ class PageTask:
 
 
 def _to_wire(result):
-    """Pixels as numpy arrays through the pipe (pickled as raw bytes: half the cost of a tensor's pickling)."""
+    """Pixels as numpy arrays through the pipe (pickled as raw bytes: half the cost of a tensor's pickling), in
+    their memory order: a channels-last view (3, H, W) travels as its (H, W, 3) pixels (numpy would pickle a
+    transposed copy) and comes back as the same view (`_from_wire`)."""
     if getattr(result, "pixel_values", None) is not None:
-        tiles = None if result.tiles is None else result.tiles.numpy()
-        result = replace(result, pixel_values=result.pixel_values.numpy(), tiles=tiles)
+        tiles = None if result.tiles is None else _pixels_to_wire(result.tiles)
+        result = replace(result, pixel_values=_pixels_to_wire(result.pixel_values), tiles=tiles)
     return result
+
+
+def _pixels_to_wire(pixels):
+    last = pixels.movedim(-3, -1)
+    return (last.numpy(), True) if last.is_contiguous() else (pixels.numpy(), False)
 
 
 def _from_wire(result):
+    if getattr(result, "pixel_values", None) is not None:
+        tiles = None if result.tiles is None else _pixels_from_wire(result.tiles)
+        result = replace(result, pixel_values=_pixels_from_wire(result.pixel_values), tiles=tiles)
+    return result
+
+
+def _pixels_from_wire(wire):
     import torch
 
-    if getattr(result, "pixel_values", None) is not None:
-        tiles = None if result.tiles is None else torch.from_numpy(result.tiles)
-        result = replace(result, pixel_values=torch.from_numpy(result.pixel_values), tiles=tiles)
-    return result
+    array, channels_last = wire
+    pixels = torch.from_numpy(array)
+    return pixels.movedim(-1, -3) if channels_last else pixels
 
 
 def _worker_main(conn, work_blob: bytes, parent_end=None) -> None:

@@ -24,6 +24,7 @@ from .names import FEATURES
 from .producer import START_METHODS, PageProducer, PageTask
 from .sources import (
     Document,
+    PaddedView,
     PageError,
     PageReader,
     RenderOptions,
@@ -287,7 +288,15 @@ class PageWork:
                 page = reader.read(document, index)
                 image, processor, choice = page.image, page.processor, page.choice
             else:
-                image = reader.read(document, index)
+                # a PDF page that fits its padded view as rendered is drawn straight into it (no preview wants the
+                # page image): the view `_views` would make, pixel for pixel, without the image's copies
+                place = None if self.preview_dir is not None else processor.pad_spot
+                image = reader.read(document, index, place)
+                if isinstance(image, PaddedView):
+                    plan = processor.plan(*image.size)
+                    pixels = torch.from_numpy(image.pixels).movedim(-1, -3)
+                    seconds = time.perf_counter() - start
+                    return PageInput(document, index, plan, image.size, pixels, None, seconds)
             plan, pixel_values, tile_tensor = _views(processor, image)
             if self.preview_dir is not None:
                 from pathlib import Path
@@ -319,22 +328,26 @@ class PageWork:
                 return pixels.to(device, dtype)
             if not pinned:
                 return self.processor.normalize(pixels.to(device), dtype)
-            pixels = pixels.pin_memory()
+            last = pixels.movedim(-3, -1)  # channels-last pixels cross as they lie in memory, (..., H, W, 3)
+            channels_last = last.is_contiguous()
+            host = (last if channels_last else pixels.contiguous()).pin_memory()
             with torch.cuda.stream(copies):  # beside the forward of the batch before, which is still running
-                on_device = pixels.to(device, non_blocking=True)
+                on_device = host.to(device, non_blocking=True)
             compute = torch.cuda.current_stream(device)
             compute.wait_stream(copies)
             on_device.record_stream(compute)
-            return self.processor.normalize(on_device, dtype)
+            return self.processor.normalize(on_device.movedim(-1, -3) if channels_last else on_device, dtype)
 
         globals_ = [item.pixel_values for item in batch]
         if len({tuple(g.shape) for g in globals_}) == 1:
             slab = _consecutive(globals_)  # normalised in place in one batch tensor: no stacking copy
-            pixel_values: torch.Tensor | list[torch.Tensor] = move(torch.stack(globals_) if slab is None else slab)
+            pixel_values: torch.Tensor | list[torch.Tensor] = move(
+                _join(globals_, stack=True) if slab is None else slab
+            )
         else:
-            pixel_values = [move(g.contiguous()) for g in globals_]
+            pixel_values = [move(g) for g in globals_]
         tiles = [item.tiles for item in batch if item.tiles is not None]
-        return pixel_values, move(torch.cat(tiles)) if tiles else None
+        return pixel_values, move(_join(tiles, stack=False)) if tiles else None
 
     def stager(self, device: torch.device, dtype: torch.dtype) -> _CpuStager | None:
         """What prepares pages for their batch in the thread feeding the loop: on the CPU, normalisation straight
@@ -503,6 +516,16 @@ def _views(
     plan = processor.plan(image.width, image.height)
     tiles = processor.tiles(image, plan)
     return plan, image_to_uint8(processor.global_view(image, plan)), images_to_uint8(tiles) if tiles else None
+
+
+def _join(pixels: list[torch.Tensor], stack: bool) -> torch.Tensor:
+    """`torch.stack` (or `cat`) of pages' pixels, in their memory order: channels-last views (what page workers
+    send) are joined as (..., H, W, 3) with plain copies, not transposed, and returned as a channels-last view."""
+    join = torch.stack if stack else torch.cat
+    last = [p.movedim(-3, -1) for p in pixels]
+    if all(p.is_contiguous() for p in last):
+        return join(last).movedim(-1, -3)
+    return join(pixels)
 
 
 def _consecutive(views: list[torch.Tensor]) -> torch.Tensor | None:

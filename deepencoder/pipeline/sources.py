@@ -8,20 +8,22 @@ user can act on; nothing here stops a run.
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import hashlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps
 
-from ..image_processing_deepencoder import RESOLUTION_MODES, ResolutionMode, to_rgb
+from ..image_processing_deepencoder import RESOLUTION_MODES, PadSpot, ResolutionMode, to_rgb
 
 PDF_SUFFIXES = (".pdf",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif")
@@ -289,9 +291,44 @@ def check_size(width: int, height: int, options: RenderOptions) -> None:
         raise PageError(f"page is {width}x{height} pixels: a side is under {options.min_side} px")
 
 
-def render_pdf_page(pdf, index: int, options: RenderOptions) -> Image.Image:
-    """One page of an open `pypdfium2.PdfDocument` -> RGB image. Call under `PDFIUM_LOCK`."""
+class PaddedView(NamedTuple):
+    """A page rendered straight into its padded global view (`render_pdf_page(..., place=)`): the view's pixels
+    (H, W, 3) uint8 and the page's own rendered (width, height)."""
+
+    pixels: np.ndarray
+    size: tuple[int, int]
+
+
+def render_pdf_page(
+    pdf, index: int, options: RenderOptions, place: Callable[[int, int], PadSpot | None] | None = None
+) -> Image.Image | PaddedView:
+    """One page of an open `pypdfium2.PdfDocument` -> RGB image. Call under `PDFIUM_LOCK`.
+
+    `place(width, height)`: where a page of the size pdfium renders lands unresampled in its global view
+    (`DeepEncoderImageProcessor.pad_spot`), or None. Where it lands, pdfium draws the page into the view itself
+    (a bitmap over the view's memory, the view's stride), and a `PaddedView` is returned: the pixels `global_view`
+    would make from the image, without the image (no copy out of pdfium's buffer, no padding copy)."""
     import pypdfium2 as pdfium
+
+    view: list = []
+
+    def bitmap_maker(width, height, format, rev_byteorder):
+        spot = place(width, height) if place is not None else None
+        if spot is None or format != pdfium.raw.FPDFBitmap_BGR or not rev_byteorder:  # RGB, 3 bytes a pixel only
+            return pdfium.PdfBitmap.new_native(width, height, format, rev_byteorder)
+        (view_w, view_h), (x, y) = spot.size, spot.offset
+        stride = view_w * 3
+        memory = np.empty(view_h * stride + stride, dtype=np.uint8)  # a row of slack: pdfium's buffer check
+        pixels = memory[: view_h * stride].reshape(view_h, view_w, 3)
+        color = np.asarray(spot.color, dtype=np.uint8)
+        pixels[:y] = color  # the margins only: pdfium fills the page's own area (white) before drawing
+        pixels[y + height :] = color
+        pixels[y : y + height, :x] = color
+        pixels[y : y + height, x + width :] = color
+        start = (y * view_w + x) * 3
+        buffer = (ctypes.c_ubyte * (memory.size - start)).from_buffer(memory, start)
+        view.append(PaddedView(pixels, (width, height)))
+        return pdfium.PdfBitmap.new_native(width, height, format, rev_byteorder, buffer=buffer, stride=stride)
 
     try:
         page = pdf[index]
@@ -305,8 +342,10 @@ def render_pdf_page(pdf, index: int, options: RenderOptions) -> Image.Image:
                 scale = options.target_long_side / max(width_pt, height_pt)
             check_size(max(1, round(width_pt * scale)), max(1, round(height_pt * scale)), options)
             # pdfium writes RGB itself (rev_byteorder): one copy out of its buffer, no per-pixel BGR unpacking
-            bitmap = page.render(scale=scale, rev_byteorder=True)
+            bitmap = page.render(scale=scale, rev_byteorder=True, bitmap_maker=bitmap_maker)
             try:
+                if view:
+                    return view[0]
                 pixels = np.array(bitmap.to_numpy())
                 image = (Image.fromarray(pixels, "RGB") if pixels.ndim == 3 and pixels.shape[2] == 3
                          else bitmap.to_pil().convert("RGB"))  # fmt: skip
@@ -373,11 +412,15 @@ class PageReader(OpenPdfs):
         super().__init__()
         self.options = options
 
-    def read(self, document: Document, index: int) -> Image.Image:
+    def read(
+        self, document: Document, index: int, place: Callable[[int, int], PadSpot | None] | None = None
+    ) -> Image.Image | PaddedView:
+        """The page as an RGB image; a PDF page that lands unresampled in its global view (`place`, see
+        `render_pdf_page`) as that view."""
         if document.kind != "pdf":
             image = decode_image_page(document.source, index, self.options)
         else:
             with PDFIUM_LOCK:
-                image = render_pdf_page(self._pdf(document.source), index, self.options)
-        check_size(image.width, image.height, self.options)
+                image = render_pdf_page(self._pdf(document.source), index, self.options, place)
+        check_size(*image.size, self.options)
         return image
