@@ -7,6 +7,7 @@ Every test that starts processes runs the encode under `guarded`: a hang fails t
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 from collections import Counter
 
@@ -124,26 +125,56 @@ def test_pdf_pages_rendered_into_their_view_equal_the_image_path(tmp_path, size)
         reader.close()
 
 
-def test_channels_last_pages_cross_the_pipe_and_join_without_transposing():
-    """A channels-last page goes through the worker pipe's encoding as its (H, W, 3) pixels and comes back as the
-    same values, still channels-last; a batch of them is joined channels-last; contiguous pixels are kept as is."""
-    import pickle
+@pytest.mark.parametrize("raw", [True, False])
+def test_pages_cross_the_worker_pipe_as_their_pixels(monkeypatch, raw):
+    """A page goes through a worker pipe as a pickled message without pixels, then each pixel array's bytes (raw on
+    the descriptor, or as framed messages where there is none): it comes back equal, a channels-last view still
+    channels-last (no transposed copy); contiguous pixels come back contiguous; a page cut off by its worker's death
+    raises EOFError (the producer's sign of a dead worker), never a short page."""
+    import multiprocessing
 
-    from deepencoder.pipeline.producer import _from_wire, _to_wire
+    from deepencoder.pipeline import producer
 
-    page = runner.PageInput(None, 0, None, (40, 30), image_to_uint8(text_page((40, 30), "a")),
-                            images_to_uint8([text_page((16, 16), "t")] * 2), 0.0)  # fmt: skip
-    back = _from_wire(pickle.loads(pickle.dumps(_to_wire(page), protocol=pickle.HIGHEST_PROTOCOL)))
+    monkeypatch.setattr(producer, "_RAW_PIPES", raw)
+    page = runner.PageInput(None, 0, None, (640, 480), image_to_uint8(text_page((640, 480), "a")),
+                            images_to_uint8([text_page((96, 96), "t")] * 3), 0.0)  # fmt: skip
+    plain = runner.replace(page, pixel_values=page.pixel_values.contiguous(), tiles=None)
+    failure = runner.PageFailure(None, 2, "bad page", 0.0)
+    receiving, sending = multiprocessing.Pipe(duplex=True)
+    # a page (~1 MB) is larger than the pipe's buffer: the sender runs beside the reader, as a worker does
+    sender = threading.Thread(target=lambda: [producer._send_result(sending, k, r)
+                                              for k, r in enumerate((page, plain, failure))])  # fmt: skip
+    sender.start()
+    received = [producer._receive_result(receiving) for _ in range(3)]
+    sender.join()
+    assert [key for key, _ in received] == [0, 1, 2] and received[2][1] == failure
+    back = received[0][1]
     for before, after in ((page.pixel_values, back.pixel_values), (page.tiles, back.tiles)):
         assert torch.equal(before, after) and after.movedim(-3, -1).is_contiguous()
-    plain = runner.replace(page, pixel_values=page.pixel_values.contiguous(), tiles=None)
-    back = _from_wire(pickle.loads(pickle.dumps(_to_wire(plain))))
-    assert torch.equal(back.pixel_values, plain.pixel_values) and back.pixel_values.is_contiguous()
-    views = [page.pixel_values, image_to_uint8(text_page((40, 30), "b"))]
+    assert torch.equal(received[1][1].pixel_values, plain.pixel_values) and received[1][1].pixel_values.is_contiguous()
+    assert received[1][1].tiles is None
+    # the worker dies after the message, before all the pixels: EOF, not a page
+    cut = runner.replace(page, pixel_values=producer._Pixels((480, 640, 3), "|u1", True), tiles=None)
+    sending.send_bytes(pickle.dumps((3, cut)))
+    if raw:
+        os.write(sending.fileno(), b"x" * 100)
+    else:
+        sending.send_bytes(b"x" * 100)
+    sending.close()
+    with pytest.raises(EOFError):
+        producer._receive_result(receiving)
+
+
+def test_channels_last_pages_join_without_transposing():
+    """A batch of channels-last pages is joined channels-last (plain copies), equal to stacking them."""
+    views = [image_to_uint8(text_page((40, 30), "a")), image_to_uint8(text_page((40, 30), "b"))]
     joined = runner._join(views, stack=True)
     assert torch.equal(joined, torch.stack([v.contiguous() for v in views])) and joined.movedim(1, -1).is_contiguous()
-    tiles = runner._join([page.tiles, page.tiles], stack=False)
-    assert torch.equal(tiles, torch.cat([page.tiles.contiguous()] * 2)) and tiles.movedim(1, -1).is_contiguous()
+    tiles = images_to_uint8([text_page((16, 16), "t")] * 2)
+    both = runner._join([tiles, tiles], stack=False)
+    assert torch.equal(both, torch.cat([tiles.contiguous()] * 2)) and both.movedim(1, -1).is_contiguous()
+    mixed = runner._join([views[0], views[1].contiguous()], stack=True)
+    assert torch.equal(mixed, joined)
 
 
 def test_pages_cross_as_uint8(tmp_path):

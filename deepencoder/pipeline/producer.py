@@ -22,10 +22,15 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import numpy as np
 
 from .sources import Document
 
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
+# pixels cross as raw bytes on the pipe's file descriptor (POSIX); elsewhere as framed messages (one more copy)
+_RAW_PIPES = hasattr(os, "readv") and sys.platform != "win32"
 
 
 def start_method(name: str = "auto") -> str:
@@ -54,34 +59,66 @@ class PageTask:
     index: int
 
 
-def _to_wire(result):
-    """Pixels as numpy arrays through the pipe (pickled as raw bytes: half the cost of a tensor's pickling), in
-    their memory order: a channels-last view (3, H, W) travels as its (H, W, 3) pixels (numpy would pickle a
-    transposed copy) and comes back as the same view (`_from_wire`)."""
+def _send_result(conn, key: int, result) -> None:
+    """`(key, PageInput | PageFailure)` to the encode process: the page pickled without its pixels (a framed message),
+    then each pixel array's raw bytes written straight from its memory (no pickled copy on either side; the reader
+    reads them straight into the arrays it allocates, `_receive_result`). Pixels travel in their memory order: a
+    channels-last view (3, H, W) as its (H, W, 3) pixels (numpy would pickle a transposed copy), and come back as
+    the same view."""
+    arrays: list[np.ndarray] = []
+
+    def described(pixels):
+        last = pixels.movedim(-3, -1)
+        channels_last = last.is_contiguous()
+        array = np.ascontiguousarray((last if channels_last else pixels).numpy())
+        arrays.append(array)
+        return _Pixels(array.shape, array.dtype.str, channels_last)
+
     if getattr(result, "pixel_values", None) is not None:
-        tiles = None if result.tiles is None else _pixels_to_wire(result.tiles)
-        result = replace(result, pixel_values=_pixels_to_wire(result.pixel_values), tiles=tiles)
-    return result
+        pixel_values = described(result.pixel_values)  # the global view's bytes first, then the tiles'
+        tiles = None if result.tiles is None else described(result.tiles)
+        result = replace(result, pixel_values=pixel_values, tiles=tiles)
+    conn.send_bytes(pickle.dumps((key, result), protocol=pickle.HIGHEST_PROTOCOL))
+    for array in arrays:
+        view = memoryview(array).cast("B")
+        if not _RAW_PIPES:
+            conn.send_bytes(view)
+        while _RAW_PIPES and view:
+            view = view[os.write(conn.fileno(), view) :]
 
 
-def _pixels_to_wire(pixels):
-    last = pixels.movedim(-3, -1)
-    return (last.numpy(), True) if last.is_contiguous() else (pixels.numpy(), False)
-
-
-def _from_wire(result):
-    if getattr(result, "pixel_values", None) is not None:
-        tiles = None if result.tiles is None else _pixels_from_wire(result.tiles)
-        result = replace(result, pixel_values=_pixels_from_wire(result.pixel_values), tiles=tiles)
-    return result
-
-
-def _pixels_from_wire(wire):
+def _receive_result(conn) -> tuple[int, object]:
+    """What `_send_result` sent: raises EOFError when the worker died before all of it arrived."""
     import torch
 
-    array, channels_last = wire
-    pixels = torch.from_numpy(array)
-    return pixels.movedim(-1, -3) if channels_last else pixels
+    key, result = pickle.loads(conn.recv_bytes())
+
+    def read(pixels):
+        array = np.empty(pixels.shape, dtype=np.dtype(pixels.dtype))
+        view = memoryview(array).cast("B")
+        if not _RAW_PIPES and conn.recv_bytes_into(view) != view.nbytes:
+            raise EOFError("page worker sent a short page")
+        while _RAW_PIPES and view:
+            count = os.readv(conn.fileno(), [view])
+            if count == 0:
+                raise EOFError("page worker closed its pipe mid-page")
+            view = view[count:]
+        tensor = torch.from_numpy(array)
+        return tensor.movedim(-1, -3) if pixels.channels_last else tensor
+
+    if isinstance(getattr(result, "pixel_values", None), _Pixels):  # the order they were written in
+        pixel_values = read(result.pixel_values)
+        tiles = None if result.tiles is None else read(result.tiles)
+        result = replace(result, pixel_values=pixel_values, tiles=tiles)
+    return key, result
+
+
+class _Pixels(NamedTuple):
+    """A pixel array's place in a page message: its raw bytes follow the message."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    channels_last: bool
 
 
 def _worker_main(conn, work_blob: bytes, parent_end=None) -> None:
@@ -113,8 +150,7 @@ def _worker_main(conn, work_blob: bytes, parent_end=None) -> None:
                 open_documents.append(task.document)
                 if len(open_documents) > 2:
                     reader.release(open_documents.popleft())
-            result = _to_wire(work.prepare(reader, task.document, task.index))
-            conn.send_bytes(pickle.dumps((key, result), protocol=pickle.HIGHEST_PROTOCOL))
+            _send_result(conn, key, work.prepare(reader, task.document, task.index))
     except (EOFError, KeyboardInterrupt, BrokenPipeError):
         return
     finally:
@@ -223,9 +259,9 @@ class PageProducer:
                 if worker.conn in ready:
                     try:
                         while worker.conn.poll():
-                            key, result = pickle.loads(worker.conn.recv_bytes())
+                            key, result = _receive_result(worker.conn)
                             worker.tasks.popleft()
-                            done[key] = _from_wire(result)
+                            done[key] = result
                     except (EOFError, OSError):
                         pass  # died mid-answer: handled below with its sentinel
                 if worker.process.sentinel in ready or not worker.process.is_alive():
