@@ -6,6 +6,7 @@ Every test that starts processes runs the encode under `guarded`: a hang fails t
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import threading
@@ -471,3 +472,33 @@ def test_one_part_file_per_batch_and_document(tmp_path, model, monkeypatch):
     assert merged.count("book.pdf") == 2 and merged.count("memo.pdf") == 2  # at its start (leftovers) and its end
     assert not any(p.is_file() for p in (tmp_path / "out" / ".parts").rglob("*"))
     assert set(stored(tmp_path / "out")) == {("book.pdf", i) for i in range(3)} | {("memo.pdf", i) for i in range(2)}
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_merge_copies_stored_bytes_file_to_file(tmp_path, monkeypatch, kernel_copy):
+    """Merging parts into a document copies each page's stored bytes file to file (`copy_file_range`, or read and
+    written where the kernel cannot): the document holds every page of the old file and the parts, a part's page
+    replacing the old one of the same key, byte for byte, with its metadata; the parts are gone."""
+    copies = []
+    if kernel_copy:
+        copy_file_range = os.copy_file_range
+        monkeypatch.setattr(os, "copy_file_range", lambda *a: copies.append(a[2]) or copy_file_range(*a))
+    else:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    folder = writer.Folder(tmp_path / "out")
+    pages = {i: torch.randn(5 + i, 7).to(torch.bfloat16) for i in range(4)}
+    old = {1: torch.zeros(6, 7, dtype=torch.bfloat16)}
+    rows = lambda items: [(writer.page_key(i), t, {"page": i, "n": t.shape[0]}) for i, t in items]  # noqa: E731
+    writer.write_pages(folder, "doc.pdf", rows(old.items()))
+    writer.merge_document(folder, "doc.pdf")  # an earlier run's document file: page 1 (zeros)
+    writer.write_pages(folder, "doc.pdf", rows([(0, pages[0]), (1, pages[1])]))
+    writer.write_pages(folder, "doc.pdf", rows([(3, pages[3]), (2, pages[2])]))
+    copies.clear()
+    keys = writer.merge_document(folder, "doc.pdf")
+    assert keys == [writer.page_key(i) for i in range(4)]
+    assert sum(copies) == (sum(t.numel() for t in pages.values()) * 2 if kernel_copy else 0)  # bf16: 2 bytes each
+    merged = load_file(str(tmp_path / "out" / "doc.pdf.safetensors"))
+    assert all(torch.equal(merged[writer.page_key(i)], pages[i]) for i in range(4))
+    metadata = writer.read_keys(folder, "doc.pdf.safetensors")[1]
+    assert {key: json.loads(row)["n"] for key, row in metadata.items()} == {writer.page_key(i): 5 + i for i in range(4)}
+    assert not any(p.is_file() for p in (tmp_path / "out" / ".parts").rglob("*"))

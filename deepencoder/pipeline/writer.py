@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 import torch
@@ -98,6 +98,13 @@ class Folder:
 
     def read_bytes(self, relative: str) -> bytes:
         return self.local_path(relative).read_bytes() if self.local else self.fs.cat_file(self.path(relative))
+
+    def file_range(self, relative: str, start: int, end: int) -> FileRange | bytes:
+        """Bytes start:end of a file for `write` to copy: a `FileRange` in a local folder (copied by the kernel, no
+        pass through this process), else the bytes."""
+        if self.local:
+            return FileRange(self.path(relative), start, end)
+        return self.read_range(relative, start, end)
 
     def read_range(self, relative: str, start: int, end: int) -> bytes:
         if self.local:
@@ -166,7 +173,7 @@ class Folder:
             self.fs.makedirs(parent, exist_ok=True)
             with self.fs.open(self.path(relative), "wb") as handle:
                 for chunk in chunks:
-                    handle.write(chunk)
+                    handle.write(chunk)  # no `FileRange` here: `file_range` gives one for local folders only
             return
         path = self.local_path(relative)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +181,11 @@ class Folder:
         try:
             with open(tmp, "wb") as handle:
                 for chunk in chunks:
-                    handle.write(chunk)
+                    if isinstance(chunk, FileRange):
+                        handle.flush()
+                        _copy_range(chunk, handle)
+                    else:
+                        handle.write(chunk)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
@@ -182,6 +193,38 @@ class Folder:
             if tmp.exists():
                 tmp.unlink()
         _fsync_dir(path.parent)
+
+
+class FileRange(NamedTuple):
+    """Bytes start:end of a local file, a chunk `Folder.write` copies file to file (`os.copy_file_range`)."""
+
+    path: str
+    start: int
+    end: int
+
+
+def _copy_range(chunk: FileRange, handle) -> None:
+    """Append `chunk` to the open file `handle` at its end: in the kernel where it can (`copy_file_range`; reflinked
+    on file systems that share extents), else read and written in 8 MiB pieces."""
+    with open(chunk.path, "rb") as source:
+        offset, left = chunk.start, chunk.end - chunk.start
+        if hasattr(os, "copy_file_range"):
+            try:
+                while left:
+                    copied = os.copy_file_range(source.fileno(), handle.fileno(), left, offset)
+                    if copied == 0:
+                        raise ValueError(f"{chunk.path}: file ended before byte {chunk.end}")
+                    offset, left = offset + copied, left - copied
+                return
+            except OSError:  # not across these file systems: the bytes go through this process instead
+                pass
+        source.seek(offset)
+        while left:
+            piece = source.read(min(left, 8 << 20))
+            if not piece:
+                raise ValueError(f"{chunk.path}: file ended before byte {chunk.end}")
+            handle.write(piece)
+            left -= len(piece)
 
 
 def as_folder(location: Folder | str | os.PathLike) -> Folder:
@@ -212,8 +255,8 @@ def write_safetensors(
     folder: Folder, relative: str, tensors: Iterable[tuple[str, Any]], metadata: dict[str, str]
 ) -> None:
     """Stream tensors into a safetensors file atomically. `tensors` yields `(key, (dtype, shape, loader))`, the
-    loader a tensor or a callable called when its bytes are due (returning a tensor, or the raw bytes of one), so a
-    merge holds one tensor in memory."""
+    loader a tensor or a callable called when its bytes are due (returning a tensor, the raw bytes of one, or the
+    `FileRange` holding them), so a merge holds at most one tensor in memory."""
     entries = list(tensors)
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -228,9 +271,10 @@ def write_safetensors(
         yield struct.pack("<Q", len(blob)) + blob
         for key, (dtype, shape, loader) in entries:
             tensor = loader() if callable(loader) else loader
-            if isinstance(tensor, (bytes, bytearray, memoryview)):
+            if isinstance(tensor, (bytes, bytearray, memoryview, FileRange)):
                 size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-                if len(tensor) != size:
+                length = tensor.end - tensor.start if isinstance(tensor, FileRange) else len(tensor)
+                if length != size:
                     raise ValueError(f"{folder.display(relative)}: tensor {key} changed while writing")
                 yield tensor
                 continue
@@ -275,7 +319,7 @@ def _sources(folder: Folder, relative: str):
     header.pop("__metadata__", None)
     for key, entry in header.items():
         start, end = (8 + length + offset for offset in entry["data_offsets"])
-        loader = lambda f=folder, r=relative, a=start, b=end: f.read_range(r, a, b)  # noqa: E731
+        loader = lambda f=folder, r=relative, a=start, b=end: f.file_range(r, a, b)  # noqa: E731
         yield key, (_CODE_DTYPES[entry["dtype"]], tuple(entry["shape"]), loader)
 
 
