@@ -262,6 +262,8 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         plan = plan or self.plan(width, height)
         if self.resolution.global_view != "pad" or plan.num_tiles:
             return None
+        if type(self).global_view is not DeepEncoderImageProcessor.global_view:  # a subclass makes its own view
+            return None
         view_w, view_h = plan.global_size
         # ImageOps.contain's size for the page (its rounding), then ImageOps.pad's placement
         fitted = (view_w, view_h)
@@ -292,6 +294,21 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         return [
             resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)
         ]
+
+    def tile_pixels(self, image: Image.Image, plan: PagePlan) -> torch.Tensor | None:
+        """`tiles` as one uint8 (n, 3, t, t) tensor (a channels-last view), cut out of the resized page's pixels
+        with one copy instead of a crop, a conversion and a stack per tile; None without tiles."""
+        if not plan.num_tiles:
+            return None
+        if type(self).tiles is not DeepEncoderImageProcessor.tiles:  # a subclass cuts its own tiles
+            return images_to_uint8(self.tiles(image, plan))
+        cols, rows = plan.tile_grid
+        tile = plan.tile_size
+        resized = np.asarray(image.resize((cols * tile, rows * tile), Image.Resampling.BICUBIC), dtype=np.uint8)
+        tiles = resized.reshape(rows, tile, cols, tile, 3).swapaxes(1, 2).reshape(rows * cols, tile, tile, 3)
+        if not tiles.flags.writeable:  # one column: the reshape was a view of the resized page's read-only pixels
+            tiles = tiles.copy()
+        return torch.from_numpy(tiles).movedim(-1, -3)
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL -> (3, H, W) float32, (x / 255 - mean) / std."""

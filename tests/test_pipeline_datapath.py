@@ -76,6 +76,19 @@ def test_normalize_is_the_float_path_bit_for_bit():
     assert tiles.shape == (2, 3, 30, 40) and torch.equal(tiles[1], image_to_uint8(page.rotate(180)))
 
 
+@pytest.mark.parametrize("size", [(300, 400), (400, 250), (700, 130), (129, 900), (256, 256)])
+def test_tile_pixels_are_the_tiles_cut_out_of_one_array(size):
+    """`tile_pixels` (one resize, one copy) equals the processor's PIL tiles converted and stacked, tile for tile."""
+    proc = processor()
+    page = text_page(size, "t")
+    plan = proc.plan(*size)
+    tiles = proc.tiles(page, plan)
+    assert plan.num_tiles == len(tiles) > 1
+    pixels = proc.tile_pixels(page, plan)
+    assert pixels.shape == (len(tiles), 3, 128, 128) and torch.equal(pixels, images_to_uint8(tiles))
+    assert proc.tile_pixels(page, proc.plan(100, 80)) is None  # a page within one tile has none
+
+
 @pytest.mark.parametrize(
     "size", [(80, 60), (96, 128), (128, 128), (127, 128), (128, 43), (5, 128), (128, 127), (160, 128), (129, 2)]
 )

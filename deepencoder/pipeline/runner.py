@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from ..image_processing_auto_mode import ModeChoice
-from ..image_processing_deepencoder import AUTO, DeepEncoderImageProcessor, PagePlan, image_to_uint8, images_to_uint8
+from ..image_processing_deepencoder import AUTO, DeepEncoderImageProcessor, PagePlan, image_to_uint8
 from . import writer
 from .auto_mode import AutoModeReader, AutoModeSummary, concrete_mode
 from .names import FEATURES
@@ -514,8 +514,7 @@ def _views(
 ) -> tuple[PagePlan, torch.Tensor, torch.Tensor | None]:
     """A page image -> its plan, its global view (3, H, W) and its tiles (n, 3, t, t) or None, as uint8."""
     plan = processor.plan(image.width, image.height)
-    tiles = processor.tiles(image, plan)
-    return plan, image_to_uint8(processor.global_view(image, plan)), images_to_uint8(tiles) if tiles else None
+    return plan, image_to_uint8(processor.global_view(image, plan)), processor.tile_pixels(image, plan)
 
 
 def _join(pixels: list[torch.Tensor], stack: bool) -> torch.Tensor:
