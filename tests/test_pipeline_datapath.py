@@ -189,6 +189,12 @@ def test_channels_last_pages_join_without_transposing():
     assert torch.equal(both, torch.cat([tiles.contiguous()] * 2)) and both.movedim(1, -1).is_contiguous()
     mixed = runner._join([views[0], views[1].contiguous()], stack=True)
     assert torch.equal(mixed, joined)
+    # the batch is written into memory from `empty` (pinned host memory on CUDA), once: no stacked copy to pin after
+    made = []
+    recording = lambda shape, dtype: made.append(torch.empty(shape, dtype=dtype)) or made[-1]  # noqa: E731
+    into = runner._join(views, stack=True, empty=recording)
+    assert [tuple(t.shape) for t in made] == [(2, 30, 40, 3)] and into.data_ptr() == made[0].data_ptr()
+    assert torch.equal(into, joined)
 
 
 def test_pages_cross_as_uint8(tmp_path):

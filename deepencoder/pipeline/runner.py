@@ -4,6 +4,7 @@ per-page work the local loop and the Ray engine (`pipeline.ray`) share: rows, pa
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -322,6 +323,7 @@ class PageWork:
         `dtype`: pages cross to the device as uint8 (from pinned memory, without blocking, on CUDA)."""
         pinned = device.type == "cuda"
         copies = self._copy_stream(device) if pinned else None
+        empty = functools.partial(torch.empty, pin_memory=True) if pinned else torch.empty
 
         def move(pixels: torch.Tensor) -> torch.Tensor:
             if pixels.is_floating_point():  # normalised already (`stage`)
@@ -330,7 +332,7 @@ class PageWork:
                 return self.processor.normalize(pixels.to(device), dtype)
             last = pixels.movedim(-3, -1)  # channels-last pixels cross as they lie in memory, (..., H, W, 3)
             channels_last = last.is_contiguous()
-            host = (last if channels_last else pixels.contiguous()).pin_memory()
+            host = (last if channels_last else pixels.contiguous()).pin_memory()  # itself when `_join` pinned it
             with torch.cuda.stream(copies):  # beside the forward of the batch before, which is still running
                 on_device = host.to(device, non_blocking=True)
             compute = torch.cuda.current_stream(device)
@@ -341,13 +343,12 @@ class PageWork:
         globals_ = [item.pixel_values for item in batch]
         if len({tuple(g.shape) for g in globals_}) == 1:
             slab = _consecutive(globals_)  # normalised in place in one batch tensor: no stacking copy
-            pixel_values: torch.Tensor | list[torch.Tensor] = move(
-                _join(globals_, stack=True) if slab is None else slab
-            )
+            joined = _join(globals_, stack=True, empty=empty) if slab is None else slab
+            pixel_values: torch.Tensor | list[torch.Tensor] = move(joined)
         else:
             pixel_values = [move(g) for g in globals_]
         tiles = [item.tiles for item in batch if item.tiles is not None]
-        return pixel_values, move(_join(tiles, stack=False)) if tiles else None
+        return pixel_values, move(_join(tiles, stack=False, empty=empty)) if tiles else None
 
     def stager(self, device: torch.device, dtype: torch.dtype) -> _CpuStager | None:
         """What prepares pages for their batch in the thread feeding the loop: on the CPU, normalisation straight
@@ -517,14 +518,19 @@ def _views(
     return plan, image_to_uint8(processor.global_view(image, plan)), processor.tile_pixels(image, plan)
 
 
-def _join(pixels: list[torch.Tensor], stack: bool) -> torch.Tensor:
-    """`torch.stack` (or `cat`) of pages' pixels, in their memory order: channels-last views (what page workers
-    send) are joined as (..., H, W, 3) with plain copies, not transposed, and returned as a channels-last view."""
-    join = torch.stack if stack else torch.cat
+def _join(pixels: list[torch.Tensor], stack: bool, empty: Callable[..., torch.Tensor] = torch.empty) -> torch.Tensor:
+    """`torch.stack` (or `cat`) of pages' pixels into a tensor from `empty(shape, dtype=)` (on CUDA pinned host
+    memory: the batch is written once, where the copy to the device reads it), in their memory order: channels-last
+    views (what page workers send) are joined as (..., H, W, 3) with plain copies, not transposed, and returned as a
+    channels-last view."""
     last = [p.movedim(-3, -1) for p in pixels]
-    if all(p.is_contiguous() for p in last):
-        return join(last).movedim(-1, -3)
-    return join(pixels)
+    channels_last = all(p.is_contiguous() for p in last)
+    parts = last if channels_last else pixels
+    first = parts[0]
+    shape = (len(parts), *first.shape) if stack else (sum(int(p.shape[0]) for p in parts), *first.shape[1:])
+    out = empty(shape, dtype=first.dtype)
+    (torch.stack if stack else torch.cat)(parts, out=out)
+    return out.movedim(-1, -3) if channels_last else out
 
 
 def _consecutive(views: list[torch.Tensor]) -> torch.Tensor | None:
