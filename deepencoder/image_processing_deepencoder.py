@@ -128,6 +128,16 @@ def images_to_uint8(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(image, dtype=np.uint8) for image in images])).movedim(-1, -3)
 
 
+def pixels_in_memory_order(pixels: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """uint8 pixels (..., 3, H, W) as they lie in memory: a channels-last view (what `image_to_uint8` makes) as its
+    contiguous (..., H, W, 3) tensor and True; anything else as a contiguous (..., 3, H, W) tensor and False. Copies,
+    stacks and transfers of pages work on this form: plain copies, never a transposition."""
+    last = pixels.movedim(-3, -1)
+    if last.is_contiguous():
+        return last, True
+    return pixels.contiguous(), False
+
+
 @dataclass(frozen=True)
 class PadSpot:
     """Where a page lands, unresampled, in its padded global view: the view's (width, height), the (x, y) of the

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..image_processing_deepencoder import pixels_in_memory_order
 from .sources import Document
 
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
@@ -68,11 +69,9 @@ def _send_result(conn, key: int, result) -> None:
     arrays: list[np.ndarray] = []
 
     def described(pixels):
-        last = pixels.movedim(-3, -1)
-        channels_last = last.is_contiguous()
-        array = np.ascontiguousarray((last if channels_last else pixels).numpy())
-        arrays.append(array)
-        return _Pixels(array.shape, array.dtype.str, channels_last)
+        in_memory, channels_last = pixels_in_memory_order(pixels)
+        arrays.append(in_memory.numpy())
+        return _Pixels(tuple(in_memory.shape), arrays[-1].dtype.str, channels_last)
 
     if getattr(result, "pixel_values", None) is not None:
         pixel_values = described(result.pixel_values)  # the global view's bytes first, then the tiles'
@@ -83,7 +82,8 @@ def _send_result(conn, key: int, result) -> None:
         view = memoryview(array).cast("B")
         if not _RAW_PIPES:
             conn.send_bytes(view)
-        while _RAW_PIPES and view:
+            continue
+        while view:
             view = view[os.write(conn.fileno(), view) :]
 
 
@@ -96,13 +96,15 @@ def _receive_result(conn) -> tuple[int, object]:
     def read(pixels):
         array = np.empty(pixels.shape, dtype=np.dtype(pixels.dtype))
         view = memoryview(array).cast("B")
-        if not _RAW_PIPES and conn.recv_bytes_into(view) != view.nbytes:
-            raise EOFError("page worker sent a short page")
-        while _RAW_PIPES and view:
-            count = os.readv(conn.fileno(), [view])
-            if count == 0:
-                raise EOFError("page worker closed its pipe mid-page")
-            view = view[count:]
+        if not _RAW_PIPES:
+            if conn.recv_bytes_into(view) != view.nbytes:
+                raise EOFError("page worker sent a short page")
+        else:
+            while view:
+                count = os.readv(conn.fileno(), [view])
+                if count == 0:
+                    raise EOFError("page worker closed its pipe mid-page")
+                view = view[count:]
         tensor = torch.from_numpy(array)
         return tensor.movedim(-1, -3) if pixels.channels_last else tensor
 

@@ -18,7 +18,13 @@ import torch
 from PIL import Image
 
 from ..image_processing_auto_mode import ModeChoice
-from ..image_processing_deepencoder import AUTO, DeepEncoderImageProcessor, PagePlan, image_to_uint8
+from ..image_processing_deepencoder import (
+    AUTO,
+    DeepEncoderImageProcessor,
+    PagePlan,
+    image_to_uint8,
+    pixels_in_memory_order,
+)
 from . import writer
 from .auto_mode import AutoModeReader, AutoModeSummary, concrete_mode
 from .names import FEATURES
@@ -330,9 +336,8 @@ class PageWork:
                 return pixels.to(device, dtype)
             if not pinned:
                 return self.processor.normalize(pixels.to(device), dtype)
-            last = pixels.movedim(-3, -1)  # channels-last pixels cross as they lie in memory, (..., H, W, 3)
-            channels_last = last.is_contiguous()
-            host = (last if channels_last else pixels.contiguous()).pin_memory()  # itself when `_join` pinned it
+            in_memory, channels_last = pixels_in_memory_order(pixels)  # channels-last pixels cross as (..., H, W, 3)
+            host = in_memory.pin_memory()  # itself when `_join` pinned it
             with torch.cuda.stream(copies):  # beside the forward of the batch before, which is still running
                 on_device = host.to(device, non_blocking=True)
             compute = torch.cuda.current_stream(device)
@@ -523,9 +528,9 @@ def _join(pixels: list[torch.Tensor], stack: bool, empty: Callable[..., torch.Te
     memory: the batch is written once, where the copy to the device reads it), in their memory order: channels-last
     views (what page workers send) are joined as (..., H, W, 3) with plain copies, not transposed, and returned as a
     channels-last view."""
-    last = [p.movedim(-3, -1) for p in pixels]
-    channels_last = all(p.is_contiguous() for p in last)
-    parts = last if channels_last else pixels
+    orders = [pixels_in_memory_order(p) for p in pixels]
+    channels_last = all(last for _, last in orders)
+    parts = [p for p, _ in orders] if channels_last else pixels
     first = parts[0]
     shape = (len(parts), *first.shape) if stack else (sum(int(p.shape[0]) for p in parts), *first.shape[1:])
     out = empty(shape, dtype=first.dtype)
