@@ -198,25 +198,48 @@ class CompileMixin:
 
         encode_views.__doc__ = type(self).encode_views.__doc__
         encode_views.views_per_call = views_per_call
+        encode_views.compiled = True
         self.__dict__["encode_views"] = encode_views  # shadows the method until `uncompile()`
 
     @property
     def views_per_call(self) -> int | None:
-        """Views per call of the compiled `encode_views` (`compile(views_per_call=)`); None when not compiled or
-        not fixed."""
+        """Views per `encode_views` call: exactly this many in a compiled tower (`compile(views_per_call=)`), at
+        most this many in an eager one (`set_views_per_call`); None: every view of a call in one pass."""
         return getattr(self.__dict__.get("encode_views"), "views_per_call", None)
 
-    def set_views_per_call(self, size: int) -> None:
-        """Change the fixed views per compiled call (a pipeline halving its batches after running out of memory:
-        the next call compiles the new size once)."""
-        _check_views_per_call(size)
+    def set_views_per_call(self, size: int | None) -> None:
+        """Views per `encode_views` call from now on (None: no limit).
+
+        Compiled tower: the fixed size of its graph (a pipeline halving its batches after running out of memory:
+        the next call compiles the new size once). Eager tower: more than `size` views run in passes of `size`
+        views, the last one shorter (no padding: an eager pass gains nothing from a fixed shape), so peak
+        activation memory is that of `size` views whatever a batch's tile count. Views are encoded independently:
+        the outputs are those of one pass over all views. `compile()` and `uncompile()` reset it."""
+        if size is not None:
+            _check_views_per_call(size)
         wrapper = self.__dict__.get("encode_views")
-        if wrapper is None:
-            raise RuntimeError("set_views_per_call needs a tower compiled with compile(views_per_call=...)")
-        wrapper.views_per_call = size
+        if getattr(wrapper, "compiled", False):
+            wrapper.views_per_call = size
+            return
+        if size is None:
+            self.__dict__.pop("encode_views", None)
+            return
+        method = type(self).encode_views.__get__(self)
+
+        def encode_views(pixel_values, *args, **kwargs):
+            limit = encode_views.views_per_call
+            if limit is not None and pixel_values.shape[0] > limit:
+                return run_in_chunks(method, pixel_values, limit, *args, pad=False, **kwargs)
+            return method(pixel_values, *args, **kwargs)
+
+        encode_views.__doc__ = type(self).encode_views.__doc__
+        encode_views.views_per_call = size
+        encode_views.compiled = False
+        self.__dict__["encode_views"] = encode_views  # shadows the method until `uncompile()` / `None`
 
     def uncompile(self) -> None:
-        """Back to the eager `encode_views` (compiled graphs stay in torch's caches)."""
+        """Back to the plain eager `encode_views` (compiled graphs stay in torch's caches; no views-per-call
+        limit)."""
         self.__dict__.pop("encode_views", None)
 
 
@@ -225,10 +248,13 @@ def _check_views_per_call(size: int) -> None:
         raise ValueError(f"views_per_call must be a positive number of views, got {size}")
 
 
-def run_in_chunks(encode_views: Callable, pixel_values: torch.Tensor, size: int, *args: Any, **kwargs: Any):
-    """`encode_views` over (B, 3, H, W) views in calls of exactly `size` views: the last call's views completed with
-    zero views, whose rows are cut from every output tensor; the chunks' outputs joined along the view dimension
-    (tensors and tuples of tensors; anything else, such as a token grid, taken from the first chunk)."""
+def run_in_chunks(
+    encode_views: Callable, pixel_values: torch.Tensor, size: int, *args: Any, pad: bool = True, **kwargs: Any
+):
+    """`encode_views` over (B, 3, H, W) views in calls of `size` views: exactly `size` with `pad` (the last call's
+    views completed with zero views, whose rows are cut from every output tensor), else the last call shorter; the
+    chunks' outputs joined along the view dimension (tensors and tuples of tensors; anything else, such as a token
+    grid, taken from the first chunk)."""
     import torch
 
     count = pixel_values.shape[0]
@@ -236,7 +262,7 @@ def run_in_chunks(encode_views: Callable, pixel_values: torch.Tensor, size: int,
     for start in range(0, max(count, 1), size):  # no views: one call of padding, cut to zero rows
         chunk = pixel_values[start : start + size]
         real = chunk.shape[0]
-        if real < size:
+        if real < size and pad:
             chunk = torch.cat([chunk, chunk.new_zeros((size - real, *chunk.shape[1:]))])
         outputs.append((encode_views(chunk, *args, **kwargs), real))
     first = outputs[0][0]

@@ -134,3 +134,15 @@ def test_converting_loaders_registered_by_a_submodule_import():
         print(sorted(CHECKPOINT_LOADERS), "deepencoder.conversion.load" in sys.modules)
     """
     assert _python(code) == "['deepseek-ocr', 'deepseek-ocr2', 'pretrained', 'transformers'] False"
+
+
+def test_cli_threads_reach_the_run_and_local_options_are_refused_with_ray(tmp_path):
+    from deepencoder.cli import build_parser, main
+    from deepencoder.pipeline.cli import _options
+
+    args = build_parser().parse_args(["encode", "x.pdf", "--out", str(tmp_path / "o"), "--threads", "1"])
+    assert _options(args).threads == 1
+    base = ["encode", str(tmp_path / "x.pdf"), "--out", str(tmp_path / "o"), "--engine", "ray"]
+    for flags in (["--views-per-call", "2"], ["--threads", "1"], ["--compile"]):
+        assert main([*base, *flags]) == 2  # refused before Ray is started
+    assert main(["encode", str(tmp_path / "x.pdf"), "--out", str(tmp_path / "o"), "--threads", "0"]) == 2

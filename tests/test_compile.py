@@ -1,9 +1,11 @@
 """`model.compile()`: the compiled `encode_views` behind `forward` equals the eager tower (fp32, relative error
 <= 1e-5), `uncompile()` restores it, and a cache folder receives the portable compile artifacts that a later run
-loads. Timing across processes (the second run's start-up) is measured by `benchmarks/compile_cache.py`, not here."""
+loads; views per call, fixed in a compiled tower and a bound in an eager one, never change a page's tokens. Timing
+across processes (the second run's start-up) is measured by `benchmarks/compile_cache.py`, not here."""
 
 import os
 
+import pytest
 import torch
 from helpers import random_model, rel_err
 from torch import nn
@@ -201,3 +203,107 @@ def test_fixed_views_per_call_v2_hidden_states_cut_to_the_real_views():
     for got, want in zip(actual.sam_hidden_states + actual.encoder_hidden_states,
                          expected.sam_hidden_states + expected.encoder_hidden_states, strict=True):  # fmt: skip
         assert got.shape == want.shape and rel_err(got, want) < TOL
+
+
+def _record_view_shapes(model) -> list[tuple[int, ...]]:
+    """The (B, 3, H, W) of every pass through the SAM patch embedding, from a forward pre-hook."""
+    shapes: list[tuple[int, ...]] = []
+    model.sam.patch_embed.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    return shapes
+
+
+def test_eager_views_per_call_bounds_each_pass_and_keeps_every_page():
+    """Eager `set_views_per_call(2)`: batches of 3 and 2 pages with 5 and 6 tiles reach the tower in passes of at
+    most 2 views, the last pass of a call shorter (no padding in an eager pass); every page's tokens equal the
+    one-pass tower's (1e-5) with the layout's token counts; None lifts the limit."""
+    model = random_model()
+    batches = _gundam_like_batches(torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        expected = [page for views, tiles, grids in batches for page in model(views, tiles, grids).image_embeds]
+    shapes = _record_view_shapes(model)
+    model.set_views_per_call(2)
+    assert model.views_per_call == 2
+    with torch.inference_mode():
+        actual = [page for views, tiles, grids in batches for page in model(views, tiles, grids).image_embeds]
+    # batch 1: 3 global views (2 + 1), 5 tiles (2 + 2 + 1); batch 2: 2 global views, 6 tiles (2 + 2 + 2)
+    assert [s[0] for s in shapes] == [2, 1, 2, 2, 1, 2, 2, 2, 2]
+    assert [a.shape for a in actual] == [e.shape for e in expected]
+    assert max(rel_err(a, e) for a, e in zip(actual, expected)) < TOL
+    model.set_views_per_call(None)
+    shapes.clear()
+    with torch.inference_mode():
+        model(*batches[1])
+    assert model.views_per_call is None and [s[0] for s in shapes] == [2, 6]
+
+
+def test_eager_views_per_call_v2_hidden_states_hold_every_view():
+    """V2 eager, 3 tiles of 768 px at `views_per_call=2`: two passes (2 + 1); outputs and every hidden state hold
+    the 3 views and equal one pass (1e-5)."""
+    from fixtures.v2_support import tiny_config_kwargs
+    from helpers import randomize_
+
+    from deepencoder import DeepEncoderV2Config, DeepEncoderV2Model
+
+    model = randomize_(DeepEncoderV2Model(DeepEncoderV2Config(**tiny_config_kwargs())), 0).eval()
+    views = torch.randn(3, 3, 768, 768, generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        expected = model.encode_views(views, output_hidden_states=True)
+    shapes = _record_view_shapes(model)
+    model.set_views_per_call(2)
+    with torch.inference_mode():
+        actual = model.encode_views(views, output_hidden_states=True)
+    assert [s[0] for s in shapes] == [2, 1]
+    assert actual.image_embeds.shape == expected.image_embeds.shape
+    assert rel_err(actual.image_embeds, expected.image_embeds) < TOL
+    for got, want in zip(actual.sam_hidden_states + actual.encoder_hidden_states,
+                         expected.sam_hidden_states + expected.encoder_hidden_states, strict=True):  # fmt: skip
+        assert got.shape == want.shape and rel_err(got, want) < TOL
+
+
+def test_views_per_call_must_be_positive_and_compile_resets_it():
+    model = random_model()
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="positive"):
+            model.set_views_per_call(bad)
+    model.set_views_per_call(3)
+    model.compile(backend="eager")
+    assert model.views_per_call is None  # compile() starts from the plain method: its own views_per_call decides
+    model.set_views_per_call(4)  # a compiled tower's fixed size
+    assert model.views_per_call == 4 and model.__dict__["encode_views"].compiled
+    model.uncompile()
+    assert model.views_per_call is None and "encode_views" not in model.__dict__
+
+
+def test_cli_encode_views_per_call_flag(tmp_path, monkeypatch):
+    """`deepencoder encode --views-per-call 2` (eager): a Gundam page with 6 tiles reaches the tower in passes of at
+    most 2 views and its stored tokens equal the run without the flag (1e-5); a non-positive value is refused."""
+    from pipeline_support import CLI_SIZE, text_page, tiny_weights
+    from safetensors.torch import load_file
+
+    from deepencoder.cli import main
+    from deepencoder.modeling_deepencoder import DeepEncoderModel
+    from deepencoder.pipeline.writer import read_rows
+
+    passes: list[int] = []
+    original = DeepEncoderModel.encode_views
+
+    def recording(self, pixel_values, *args, **kwargs):
+        passes.append(pixel_values.shape[0])
+        return original(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(DeepEncoderModel, "encode_views", recording)
+    weights = tiny_weights(tmp_path / "tiny")
+    text_page((390, 260), "in passes").save(tmp_path / "page.png")  # 3x2 tiles of 128 px
+    tokens, counts = {}, {}
+    for flags in ([], ["--views-per-call", "2"]):
+        out = tmp_path / f"out{len(flags)}"
+        passes.clear()
+        args = ["encode", str(tmp_path / "page.png"), "--weights", str(weights), "--out", str(out), *CLI_SIZE]
+        assert main([*args, *flags]) == 0
+        (row,) = read_rows(out / "manifest.jsonl")
+        tokens[bool(flags)] = load_file(str(out / row["output"]))[row["key"]]
+        counts[bool(flags)] = list(passes)
+    assert counts[False] == [1, 6] and counts[True] == [1, 2, 2, 2]
+    assert tokens[True].shape == tokens[False].shape and rel_err(tokens[True], tokens[False]) < TOL
+    args = ["encode", str(tmp_path / "page.png"), "--weights", str(weights), "--out", str(tmp_path / "bad")]
+    assert main([*args, *CLI_SIZE, "--views-per-call", "0"]) == 2

@@ -373,6 +373,31 @@ def test_out_of_memory_lowers_a_compiled_towers_views_per_call(tmp_path, model, 
     assert all(torch.allclose(got[k], expected[k], rtol=1e-5, atol=1e-6) for k in expected)
 
 
+def test_out_of_memory_lowers_an_eager_towers_views_per_call(tmp_path, model, monkeypatch, capsys):
+    """An eager tower bounded to 4 views per pass (`--views-per-call 4`) whose 4-view passes run out of memory: the
+    run halves its batches and the bound with them, and the pages equal a plain run's."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 5)
+    bounded = random_model()
+    original = type(bounded).encode_views
+
+    def encode_views(self, pixel_values, *args, **kwargs):
+        if self is bounded and pixel_values.shape[0] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return original(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(type(bounded), "encode_views", encode_views)
+    bounded.set_views_per_call(4)
+    result = encode([str(tmp_path / "in")], tmp_path / "out", bounded, processor(), batch_size=4, workers=0,
+                    progress=False)  # fmt: skip
+    assert result.ok and result.pages_ok == 5 and bounded.views_per_call == 2
+    assert "batches are now of 2 pages" in capsys.readouterr().err
+    encode([str(tmp_path / "in")], tmp_path / "plain", model, processor(), batch_size=2, workers=0, progress=False)
+    expected, got = stored(tmp_path / "plain"), stored(tmp_path / "out")
+    assert set(got) == set(expected)
+    assert all(torch.allclose(got[k], expected[k], rtol=1e-5, atol=1e-6) for k in expected)
+
+
 def test_warm_up_runs_one_blank_batch_before_the_pages_and_changes_no_output(tmp_path, model):
     """`warmup=True`: the tower's first call is a batch of `batch_size` blank letter-sized pages at this run's render
     size (global views and tiles, as a GPU run gets by default), then the pages' batches; every page's tokens equal

@@ -75,6 +75,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "tile counts included); compile cache in $DEEPENCODER_COMPILE_CACHE when set, so later runs start in seconds"
     )  # fmt: skip
     parser.add_argument(
+        "--views-per-call", type=int, metavar="N", help="at most N views (global views or tiles) per tower pass: "
+        "bounds the activation memory of a batch whatever its pages' tile counts (default: a batch's views of one "
+        "size in one pass; with --compile, --batch-size, padded to exactly N)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, help="intra-op threads of the tower on the CPU during the run (default: all cores; "
+        "with a small tower and page workers on every core, 1 can be faster)"
+    )  # fmt: skip
+    parser.add_argument(
         "--warmup", action=argparse.BooleanOptionalAction, default=None, help="run one batch of blank pages "
         "through the tower while the first pages render (default: on a GPU, not on the CPU)"
     )  # fmt: skip
@@ -191,6 +200,7 @@ def _options(args: argparse.Namespace) -> EncodeOptions:
         sleep_per_batch=args.sleep_per_batch,
         tokenizer=args.tokenizer,
         warmup=args.warmup,
+        threads=args.threads,
     )
     limit = args.max_image_pixels
     if limit is not None:  # also Pillow's own process-wide guard, which fires at open time above twice the limit
@@ -279,7 +289,16 @@ def run_encode(args: argparse.Namespace) -> int:
     from .weights import WeightsError, load_model
     from .writer import OutputLocked
 
+    for flag, value in (("--views-per-call", args.views_per_call), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            print(f"error: {flag} must be at least 1, got {value}", file=sys.stderr)
+            return 2
     if args.engine == "ray":
+        local = [flag for flag, value in (("--compile", args.compile), ("--views-per-call", args.views_per_call),
+                                          ("--threads", args.threads)) if value]  # fmt: skip
+        if local:
+            print(f"error: {', '.join(local)}: options of the local engine, not of --engine ray", file=sys.stderr)
+            return 2
         return run_ray(args)
     rank, world_size, local_rank = _init_distributed()
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if rank == 0 else (lambda *a, **k: None)
@@ -303,8 +322,10 @@ def run_encode(args: argparse.Namespace) -> int:
             say(f"{banner}\n!! {description}\n{banner}")
         else:
             say(f"weights: {description}")
-        if args.compile:
-            model.compile(views_per_call=args.batch_size)  # one graph per view size, whatever a batch holds
+        if args.compile:  # one graph per view size, whatever a batch holds
+            model.compile(views_per_call=args.views_per_call or args.batch_size)
+        elif args.views_per_call:
+            model.set_views_per_call(args.views_per_call)
         try:
             processor = _processor(args, tower_name(model) == V2_MODEL_TYPE)
         except ValueError as error:

@@ -641,8 +641,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def shrink_views_per_call(model: torch.nn.Module, pages: int) -> None:
-    """After out of memory: a tower compiled with fixed views per call (`--compile`) runs at most `pages` views per
-    call from now on (padding a half batch up to the old size would need the same memory again)."""
+    """After out of memory: a tower with views per call (`--compile`, `--views-per-call`) runs at most `pages` views
+    per call from now on (padding a half batch up to the old size would need the same memory again)."""
     size = getattr(model, "views_per_call", None)
     if size is not None and size > pages:
         model.set_views_per_call(pages)
