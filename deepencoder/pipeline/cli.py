@@ -71,8 +71,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="pages per forward pass")
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the tower (model.compile()) on fixed shapes: views run "
-        "in calls of --batch-size views, padded and cut, so one graph per view size serves every batch (Gundam "
-        "tile counts included); compile cache in $DEEPENCODER_COMPILE_CACHE when set, so later runs start in seconds"
+        "in calls of --views-per-call (default --batch-size) views, padded and cut, so one graph per view size serves "
+        "every batch (Gundam tile counts included); compile cache in $DEEPENCODER_COMPILE_CACHE when set, so later "
+        "runs start in seconds"
     )  # fmt: skip
     parser.add_argument(
         "--views-per-call", type=int, metavar="N", help="at most N views (global views or tiles) per tower pass: "
