@@ -8,6 +8,7 @@
 #    the encode loop with pinned copies / side stream / event-synchronised copy back (pages equal to a CPU run).
 # 2. benchmarks.pipeline: end to end, feed-only and tower-only pages/s, first-batch seconds (Base b32, Gundam b8).
 # 3. benchmarks.tower / tower_v2 (quick): kernels, compiled and peers at Base b1 / b32, V2 views.
+# 4. if time is left: Gundam b8 again with --views-per-call 16 (the eager bound on a batch's tile passes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-${OUT:-benchmarks/results}}
@@ -66,3 +67,6 @@ step 150 "pipeline Gundam b8" python3 -m benchmarks.pipeline --tower real --mode
   --workers 15 --device cuda --compute-dtype bfloat16 --out "$results/pipeline-gundam"
 step 240 "tower (quick)" python3 -m benchmarks.tower --device cuda --dtype bf16 --quick --out "$results"
 step 120 "tower V2" python3 -m benchmarks.tower_v2 --device cuda --dtype bf16
+step 150 "pipeline Gundam b8, at most 16 views per pass" python3 -m benchmarks.pipeline --tower real --modes gundam \
+  --pages 96 --batch-size 8 --workers 15 --device cuda --compute-dtype bfloat16 --views-per-call 16 \
+  --out "$results/pipeline-gundam"

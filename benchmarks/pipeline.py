@@ -2,6 +2,7 @@
 
     python -m benchmarks.pipeline [--tower near-free|real|CONFIG.json] [--modes base,gundam] [--pages 48]
                                   [--batch-size 8] [--workers 2] [--device auto] [--compute-dtype float32]
+                                  [--views-per-call N] [--threads N]
 
 One command, on the CPU or a GPU. It writes its own input (multi-page letter-sized text PDFs, 6 pages each), then for
 every mode measures, on the same pages:
@@ -13,7 +14,9 @@ every mode measures, on the same pages:
   page workers, the transfer, the normalisation and the writer sustain;
 - `tower_only`: the tower on the same pages prepared beforehand (upload, forward, copy back; on the CPU normalised
   beforehand as the feeding thread does), no I/O.
-The process runs under `deepencoder.runtime`'s allocator. Results: benchmarks/results/pipeline-<device>-<tower>.json
+`--views-per-call` bounds the tower's passes (`model.set_views_per_call`, `deepencoder encode --views-per-call`);
+`--threads` sets the forward's intra-op threads on the CPU (`--threads` of `encode`). The process runs under
+`deepencoder.runtime`'s allocator. Results: benchmarks/results/pipeline-<device>-<tower>.json
 and a bar chart next to it (`--out` another folder).
 """
 
@@ -98,7 +101,7 @@ def run_encode(model, inputs: Path, out: Path, mode: str, args) -> tuple[float, 
 
     shutil.rmtree(out, ignore_errors=True)
     processor = DeepEncoderImageProcessor(mode=mode)
-    options = EncodeOptions(batch_size=args.batch_size, workers=args.workers, progress=False)
+    options = EncodeOptions(batch_size=args.batch_size, workers=args.workers, progress=False, threads=args.threads)
     warm = PageWork(processor, options).wants_warm_up(model)  # the default: a warm-up batch on accelerators
     timed = FirstBatch(model, skip=int(warm))
     start = time.perf_counter()
@@ -121,13 +124,19 @@ def tower_rate(model, inputs: Path, mode: str, args) -> float:
     parameter = next(model.parameters())
     stage = work.stager(parameter.device, parameter.dtype)  # on the CPU normalised beforehand, as the feeder does
     pages = [stage(page) for page in pages] if stage is not None else pages
-    work.forward(model, pages[: args.batch_size])  # warm-up (kernels, allocator)
-    start = time.perf_counter()
-    for first in range(0, len(pages), args.batch_size):
-        work.forward(model, pages[first : first + args.batch_size])
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return len(pages) / (time.perf_counter() - start)
+    saved = torch.get_num_threads()
+    if args.threads and parameter.device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    try:
+        work.forward(model, pages[: args.batch_size])  # warm-up (kernels, allocator)
+        start = time.perf_counter()
+        for first in range(0, len(pages), args.batch_size):
+            work.forward(model, pages[first : first + args.batch_size])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return len(pages) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -164,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--compute-dtype", default="float32")
+    parser.add_argument("--views-per-call", type=int, help="at most N views per tower pass (set_views_per_call)")
+    parser.add_argument("--threads", type=int, help="intra-op threads of the forward on the CPU (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON and the plot")
     args = parser.parse_args(argv)
 
@@ -174,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = {"near-free": str(NEAR_FREE), "real": None}.get(args.tower, args.tower)
     model, _ = load_model("random", config, seed=0, mode="base")
     model = model.to(device=device, dtype=parse_dtype(args.compute_dtype)).eval()
+    if args.views_per_call:
+        model.set_views_per_call(args.views_per_call)
     stub = StubTower(model)
     work = Path(tempfile.mkdtemp(prefix="deepencoder-pipeline-bench-"))
     report: dict = {
@@ -183,6 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
         "pages": args.pages,
         "batch_size": args.batch_size,
         "workers": args.workers,
+        "views_per_call": args.views_per_call,
+        "threads": args.threads or torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "allocator": allocator,
@@ -206,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"pipeline-{device.type}-{Path(args.tower).stem if args.tower.endswith('.json') else args.tower}"
+    name += f"-views{args.views_per_call}" if args.views_per_call else ""
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, args.out / f"{name}.png")
     print(f"-> {args.out / name}.json, .png")

@@ -1,5 +1,5 @@
 """`benchmarks/pipeline.py` in a small setting: one command writes its input, measures every rate and writes the
-JSON report and the plot."""
+JSON report and the plot (here with the tower bounded to one view per pass and the forward on one thread)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_pipeline_benchmark_small(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "benchmarks.pipeline", "--pages", "4", "--modes", "tiny", "--batch-size", "2",
-               "--workers", "1", "--device", "cpu", "--out", str(tmp_path)]  # fmt: skip
+               "--workers", "1", "--device", "cpu", "--views-per-call", "1", "--threads", "1",
+               "--out", str(tmp_path)]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    report = json.loads((tmp_path / "pipeline-cpu-near-free.json").read_text())
+    report = json.loads((tmp_path / "pipeline-cpu-near-free-views1.json").read_text())
     assert report["pages"] == 4 and report["device"] == "cpu" and list(report["modes"]) == ["tiny"]
+    assert report["views_per_call"] == 1 and report["threads"] == 1
     rates = report["modes"]["tiny"]
     for key in ("end_to_end_pages_per_s", "feed_only_pages_per_s", "tower_only_pages_per_s", "first_batch_s"):
         assert rates[key] > 0, key
-    assert (tmp_path / "pipeline-cpu-near-free.png").stat().st_size > 0
+    assert (tmp_path / "pipeline-cpu-near-free-views1.png").stat().st_size > 0

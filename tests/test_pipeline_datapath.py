@@ -546,3 +546,27 @@ def test_merge_copies_stored_bytes_file_to_file(tmp_path, monkeypatch, kernel_co
     metadata = writer.read_keys(folder, "doc.pdf.safetensors")[1]
     assert {key: json.loads(row)["n"] for key, row in metadata.items()} == {writer.page_key(i): 5 + i for i in range(4)}
     assert not any(p.is_file() for p in (tmp_path / "out" / ".parts").rglob("*"))
+
+
+def test_device_decisions_of_the_cuda_path_without_cuda(monkeypatch):
+    """The CUDA-only choices, decided on the CPU: workers start by fork until a CUDA context exists in the encode
+    process, then by forkserver (a forked child of a CUDA process cannot use it, and must not inherit it); a tower on
+    an accelerator gets a warm-up batch by default and no CPU staging (its pages stay uint8 until the device);
+    a tower on the CPU gets neither."""
+    from deepencoder.pipeline import producer
+
+    monkeypatch.setattr(producer.sys, "platform", "linux")
+    monkeypatch.setattr(producer, "_cuda_initialized", lambda: False)
+    assert producer.start_method("auto") == "fork"
+    monkeypatch.setattr(producer, "_cuda_initialized", lambda: True)
+    assert producer.start_method("auto") == "forkserver"
+    assert producer.start_method("spawn") == "spawn"
+    with pytest.raises(ValueError, match="worker start method"):
+        producer.start_method("thread")
+    work = PageWork(processor(), runner.EncodeOptions())
+    on_device = torch.nn.Linear(2, 2, device="meta")  # any device that is not the CPU
+    assert work.wants_warm_up(on_device) and not work.wants_warm_up(torch.nn.Linear(2, 2))
+    assert work.stager(torch.device("cuda"), torch.bfloat16) is None
+    assert isinstance(work.stager(torch.device("cpu"), torch.float32), runner._CpuStager)
+    explicit = PageWork(processor(), runner.EncodeOptions(warmup=False))
+    assert not explicit.wants_warm_up(on_device)
