@@ -567,6 +567,61 @@ def test_device_decisions_of_the_cuda_path_without_cuda(monkeypatch):
     on_device = torch.nn.Linear(2, 2, device="meta")  # any device that is not the CPU
     assert work.wants_warm_up(on_device) and not work.wants_warm_up(torch.nn.Linear(2, 2))
     assert work.stager(torch.device("cuda"), torch.bfloat16) is None
+    assert runner.device_copies(torch.device("cpu")) is None and runner.device_copies(torch.device("meta")) is None
     assert isinstance(work.stager(torch.device("cpu"), torch.float32), runner._CpuStager)
     explicit = PageWork(processor(), runner.EncodeOptions(warmup=False))
     assert not explicit.wants_warm_up(on_device)
+
+
+class FakeCopies:
+    """`_CudaCopies`' contract on the CPU: notes every host buffer made, every tensor sent up or brought back, and
+    hands back copies in other memory (as a device would)."""
+
+    def __init__(self):
+        self.made, self.up, self.down = [], [], []
+
+    def empty(self, shape, dtype):
+        self.made.append(torch.empty(shape, dtype=dtype))
+        return self.made[-1]
+
+    def to_device(self, host):
+        self.up.append(host)
+        return host.clone()
+
+    def to_host(self, tensor):
+        self.down.append(tensor)
+        out = tensor.clone()
+        return lambda: out
+
+
+def test_the_asynchronous_copy_path_on_the_cpu(tmp_path, model, monkeypatch):
+    """The CUDA path's logic with `_CudaCopies` replaced by a CPU fake: a batch's global views and its tiles are each
+    written once into one host buffer from the copies (pinned memory on CUDA) and sent up from there in their memory
+    order (channels-last pixels as (..., H, W, 3)), normalised after the copy bit for bit as on the CPU; the results
+    come back as one tensor per batch; the pages' tokens equal the tower's on the CPU-normalised batch."""
+    fake = FakeCopies()
+    monkeypatch.setattr(runner, "device_copies", lambda device: fake)
+    make_pdf(tmp_path / "a.pdf", 3)
+    work = PageWork(processor(), runner.EncodeOptions(batch_size=3))
+    document = runner.discover([str(tmp_path / "a.pdf")])[0]
+    reader = work.page_reader()
+    pages = [work.prepare(reader, document, i) for i in range(3)]
+    reader.close()
+    assert all(p.tiles is not None for p in pages)
+    normalize = work.processor.normalize
+    views = normalize(torch.stack([p.pixel_values for p in pages]))
+    tiles = normalize(torch.cat([p.tiles for p in pages]))
+    got_views, got_tiles = work.upload(pages, torch.device("cpu"), torch.float32)
+    assert torch.equal(got_views, views) and torch.equal(got_tiles, tiles)
+    assert len(fake.made) == 2 and len(fake.up) == 2
+    for made, up in zip(fake.made, fake.up):
+        assert up.data_ptr() == made.data_ptr() and up.is_contiguous() and up.shape[-1] == 3
+    fake.made.clear()
+    fake.up.clear()
+    tokens = work.forward(model, pages)
+    assert len(fake.up) == 2 and len(fake.down) == 1
+    assert fake.down[0].shape[0] == sum(p.plan.num_tokens for p in pages)
+    grids = [p.plan.tile_grid for p in pages]
+    with torch.inference_mode():
+        expected = model(pixel_values=views, pixel_values_tiles=tiles, tile_grids=grids).image_embeds
+    assert all(torch.equal(t, e) for t, e in zip(tokens, expected, strict=True))

@@ -4,7 +4,6 @@ per-page work the local loop and the Ray engine (`pipeline.ray`) share: rows, pa
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import queue
@@ -327,22 +326,16 @@ class PageWork:
     ) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]:
         """The batch's uint8 views -> (global views, tiles) on the device, normalised there in float32 and cast to
         `dtype`: pages cross to the device as uint8 (from pinned memory, without blocking, on CUDA)."""
-        pinned = device.type == "cuda"
-        copies = self._copy_stream(device) if pinned else None
-        empty = functools.partial(torch.empty, pin_memory=True) if pinned else torch.empty
+        copies = self._copies(device)
+        empty = copies.empty if copies is not None else torch.empty
 
         def move(pixels: torch.Tensor) -> torch.Tensor:
             if pixels.is_floating_point():  # normalised already (`stage`)
                 return pixels.to(device, dtype)
-            if not pinned:
+            if copies is None:
                 return self.processor.normalize(pixels.to(device), dtype)
             in_memory, channels_last = pixels_in_memory_order(pixels)  # channels-last pixels cross as (..., H, W, 3)
-            host = in_memory.pin_memory()  # itself when `_join` pinned it
-            with torch.cuda.stream(copies):  # beside the forward of the batch before, which is still running
-                on_device = host.to(device, non_blocking=True)
-            compute = torch.cuda.current_stream(device)
-            compute.wait_stream(copies)
-            on_device.record_stream(compute)
+            on_device = copies.to_device(in_memory)
             return self.processor.normalize(on_device.movedim(-1, -3) if channels_last else on_device, dtype)
 
         globals_ = [item.pixel_values for item in batch]
@@ -360,14 +353,15 @@ class PageWork:
         into the batch tensor; on an accelerator nothing (pages stay uint8 until `upload`)."""
         return _CpuStager(self, dtype) if device.type == "cpu" else None
 
-    def _copy_stream(self, device: torch.device):
-        streams = self.__dict__.setdefault("_copy_streams", {})
-        if device not in streams:
-            streams[device] = torch.cuda.Stream(device)
-        return streams[device]
+    def _copies(self, device: torch.device) -> _CudaCopies | None:
+        """The device's asynchronous host copies (`device_copies`), made once per device; None: plain copies."""
+        copies = self.__dict__.setdefault("_device_copies", {})
+        if device not in copies:
+            copies[device] = device_copies(device)
+        return copies[device]
 
     def __getstate__(self) -> dict:  # CUDA streams stay in their process
-        return {k: v for k, v in self.__dict__.items() if k != "_copy_streams"}
+        return {k: v for k, v in self.__dict__.items() if k != "_device_copies"}
 
     def fetch(self, features: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
         """Per-page outputs on the device -> on the CPU in the stored dtype, with one copy for the whole batch.
@@ -377,19 +371,12 @@ class PageWork:
             return lambda: []
         lengths = [int(f.shape[0]) for f in features]
         flat = torch.cat(features).to(dtype=self.options.dtype)
-        if flat.device.type != "cuda":
+        copies = self._copies(flat.device)
+        if copies is None:
             tensors = list(flat.to("cpu").split(lengths))
             return lambda: tensors
-        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-        host.copy_(flat, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(flat.device))
-
-        def wait() -> list[torch.Tensor]:
-            done.synchronize()
-            return list(host.split(lengths))
-
-        return wait
+        wait = copies.to_host(flat)
+        return lambda: list(wait().split(lengths))
 
     def launch(self, model: torch.nn.Module, batch: list[PageInput]) -> Callable[[], list[torch.Tensor]]:
         """Upload the batch and queue its forward and the copy back (asynchronous on CUDA; at once elsewhere);
@@ -513,6 +500,46 @@ class PageWork:
             )
             results.append((item, tensor, row))
         return results
+
+
+class _CudaCopies:
+    """Host <-> CUDA copies of the encode loop, asynchronous: pages go up from pinned host memory on a side stream,
+    beside the forward of the batch before; results come back into pinned memory behind the forward, waited for by
+    an event, so the loop can queue the next batch first."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A host buffer the copy to the device reads without staging (pinned)."""
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        host = host.pin_memory()  # itself when it was made by `empty`
+        with torch.cuda.stream(self.stream):  # beside the forward of the batch before, which is still running
+            on_device = host.to(self.device, non_blocking=True)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(self.stream)  # the forward reads the pages after they arrived
+        on_device.record_stream(compute)  # their memory is not reused before the forward is done with it
+        return on_device
+
+    def to_host(self, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        host = self.empty(tensor.shape, tensor.dtype)
+        host.copy_(tensor, non_blocking=True)  # queued behind the forward on the current stream
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(tensor.device))
+
+        def wait() -> torch.Tensor:
+            done.synchronize()
+            return host
+
+        return wait
+
+
+def device_copies(device: torch.device) -> _CudaCopies | None:
+    """The asynchronous copies of a CUDA device; None elsewhere (plain `to()` copies)."""
+    return _CudaCopies(device) if device.type == "cuda" else None
 
 
 def _views(
