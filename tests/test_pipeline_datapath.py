@@ -205,15 +205,22 @@ def test_pages_cross_as_uint8(tmp_path):
     assert page.pixel_values.dtype == torch.uint8 and page.tiles is not None and page.tiles.dtype == torch.uint8
 
 
+def prepared_pages(tmp_path, count: int, batch_size: int) -> tuple[PageWork, list]:
+    """A `PageWork` of the test processor and the prepared pages (uint8) of a `count`-page PDF."""
+    make_pdf(tmp_path / "a.pdf", count)
+    work = PageWork(processor(), runner.EncodeOptions(batch_size=batch_size))
+    document = runner.discover([str(tmp_path / "a.pdf")])[0]
+    reader = work.page_reader()
+    try:
+        return work, [work.prepare(reader, document, i) for i in range(count)]
+    finally:
+        reader.close()
+
+
 def test_cpu_staging_fills_the_batch_tensor_in_place(tmp_path):
     """On the CPU pages are normalised into consecutive slots of one batch tensor, which `upload` takes as the batch
     without a copy; the values are those of normalising the stacked uint8 pages."""
-    make_pdf(tmp_path / "a.pdf", 3)
-    work = PageWork(processor(), runner.EncodeOptions(batch_size=2))
-    document = runner.discover([str(tmp_path / "a.pdf")])[0]
-    reader = work.page_reader()
-    pages = [work.prepare(reader, document, i) for i in range(3)]
-    reader.close()
+    work, pages = prepared_pages(tmp_path, 3, batch_size=2)
     stage = work.stager(torch.device("cpu"), torch.float32)
     staged = [stage(page) for page in pages]
     expected = work.processor.normalize(torch.stack([p.pixel_values for p in pages[:2]]))
@@ -226,12 +233,7 @@ def test_cpu_staging_fills_the_batch_tensor_in_place(tmp_path):
 
 
 def test_cpu_staging_reuses_a_batch_tensor_only_once_released(tmp_path):
-    make_pdf(tmp_path / "a.pdf", 6)
-    work = PageWork(processor(), runner.EncodeOptions(batch_size=2))
-    document = runner.discover([str(tmp_path / "a.pdf")])[0]
-    reader = work.page_reader()
-    pages = [work.prepare(reader, document, i) for i in range(6)]
-    reader.close()
+    work, pages = prepared_pages(tmp_path, 6, batch_size=2)
     stage = work.stager(torch.device("cpu"), torch.float32)
     first = [stage(page) for page in pages[:2]]
     second = [stage(page) for page in pages[2:4]]  # the first batch is not released: a new batch tensor
@@ -601,12 +603,7 @@ def test_the_asynchronous_copy_path_on_the_cpu(tmp_path, model, monkeypatch):
     come back as one tensor per batch; the pages' tokens equal the tower's on the CPU-normalised batch."""
     fake = FakeCopies()
     monkeypatch.setattr(runner, "device_copies", lambda device: fake)
-    make_pdf(tmp_path / "a.pdf", 3)
-    work = PageWork(processor(), runner.EncodeOptions(batch_size=3))
-    document = runner.discover([str(tmp_path / "a.pdf")])[0]
-    reader = work.page_reader()
-    pages = [work.prepare(reader, document, i) for i in range(3)]
-    reader.close()
+    work, pages = prepared_pages(tmp_path, 3, batch_size=3)
     assert all(p.tiles is not None for p in pages)
     normalize = work.processor.normalize
     views = normalize(torch.stack([p.pixel_values for p in pages]))
