@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "views_per_call": args.views_per_call,
-        "threads": args.threads or torch.get_num_threads(),
+        "threads": args.threads,  # None: the process's intra-op threads
+        "intra_op_threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "allocator": allocator,
