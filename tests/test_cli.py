@@ -136,7 +136,7 @@ def test_converting_loaders_registered_by_a_submodule_import():
     assert _python(code) == "['deepseek-ocr', 'deepseek-ocr2', 'pretrained', 'transformers'] False"
 
 
-def test_cli_threads_reach_the_run_and_local_options_are_refused_with_ray(tmp_path):
+def test_cli_threads_reach_the_run_and_local_options_are_refused_with_ray(tmp_path, capsys):
     from deepencoder.cli import build_parser, main
     from deepencoder.pipeline.cli import _options
 
@@ -145,4 +145,6 @@ def test_cli_threads_reach_the_run_and_local_options_are_refused_with_ray(tmp_pa
     base = ["encode", str(tmp_path / "x.pdf"), "--out", str(tmp_path / "o"), "--engine", "ray"]
     for flags in (["--views-per-call", "2"], ["--threads", "1"], ["--compile"]):
         assert main([*base, *flags]) == 2  # refused before Ray is started
+        assert f"error: {flags[0]}: options of the local engine" in capsys.readouterr().err
     assert main(["encode", str(tmp_path / "x.pdf"), "--out", str(tmp_path / "o"), "--threads", "0"]) == 2
+    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
