@@ -212,8 +212,8 @@ class CompileMixin:
 
         Compiled tower: the fixed size of its graph (a pipeline halving its batches after running out of memory:
         the next call compiles the new size once). Eager tower: more than `size` views run in passes of `size`
-        views, the last one shorter (no padding: an eager pass gains nothing from a fixed shape), so peak
-        activation memory is that of `size` views whatever a batch's tile count. Views are encoded independently:
+        views, the last one shorter (no padding: an eager pass gains nothing from a fixed shape), so the
+        activations of at most `size` views are alive at a time whatever a batch's tile count. Views are encoded independently:
         the outputs are those of one pass over all views. `compile()` and `uncompile()` reset it."""
         if size is not None:
             _check_views_per_call(size)
