@@ -179,9 +179,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from deepencoder.dtypes import parse_dtype
-    from deepencoder.pipeline import load_model
+    from deepencoder.pipeline import load_model, prestart_workers
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    prestart_workers(device, args.workers)  # as `deepencoder encode` does, before the tower is on its device
     config = {"near-free": str(NEAR_FREE), "real": None}.get(args.tower, args.tower)
     model, _ = load_model("random", config, seed=0, mode="base")
     model = model.to(device=device, dtype=parse_dtype(args.compute_dtype)).eval()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -58,15 +57,10 @@ def invoked_command(argv: Sequence[str]) -> str | None:
 
 
 def cuda_run(args: argparse.Namespace) -> bool:
-    """Whether the parsed command runs on a GPU: `--device cuda...`, or `--device auto` on a machine with an NVIDIA
-    driver and visible devices (read from the system, without importing torch)."""
-    device = str(getattr(args, "device", None) or "cpu")
-    if device.startswith("cuda"):
-        return True
-    if device != "auto":
-        return False
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return os.path.exists("/proc/driver/nvidia/version") and visible not in ("", "-1")
+    """Whether the parsed command runs on a GPU (`runtime.cuda_requested` of its `--device`)."""
+    from .runtime import cuda_requested
+
+    return cuda_requested(getattr(args, "device", None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -104,6 +104,18 @@ def tune_glibc() -> bool:
     return ok
 
 
+def cuda_requested(device: str | None) -> bool:
+    """Whether a command's `--device` puts it on a GPU: `cuda...`, or `auto` on a machine with an NVIDIA driver and
+    visible devices (read from the system, without importing torch: entry points decide before their imports)."""
+    device = str(device or "cpu")
+    if device.startswith("cuda"):
+        return True
+    if device != "auto":
+        return False
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return os.path.exists("/proc/driver/nvidia/version") and visible not in ("", "-1")
+
+
 def configure_allocator(argv: Sequence[str] | None = None, prefer: Sequence[str] = ("tcmalloc", "glibc-tuned")) -> str:
     """Give this process the fastest allocator available; returns the one it runs under.
 

@@ -148,3 +148,28 @@ def test_cli_threads_reach_the_run_and_local_options_are_refused_with_ray(tmp_pa
         assert f"error: {flags[0]}: options of the local engine" in capsys.readouterr().err
     assert main(["encode", str(tmp_path / "x.pdf"), "--out", str(tmp_path / "o"), "--threads", "0"]) == 2
     assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_encode_prestarts_page_workers_for_its_device_first(tmp_path, monkeypatch):
+    """`deepencoder encode` asks for its page workers' start before it imports torch or loads the tower (a CUDA run's
+    forkserver imports beside it), on the device `--device` names; the Ray engine has no local workers."""
+    from deepencoder.cli import main
+    from deepencoder.pipeline import producer
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def prestart(device, workers):
+        calls.append((device, workers, "deepencoder.pipeline.weights" in sys.modules))
+        raise Stop
+
+    monkeypatch.setattr(producer, "prestart_workers", prestart)
+    monkeypatch.delitem(sys.modules, "deepencoder.pipeline.weights", raising=False)
+    base = ["encode", str(tmp_path / "x.pdf"), "--out", str(tmp_path / "o")]
+    for flags in (["--device", "cuda:1", "--workers", "3"], ["--device", "cpu", "--workers", "0"]):
+        with pytest.raises(Stop):
+            main([*base, *flags])
+    assert calls == [("cuda", 3, False), ("cpu", 0, False)]
+    assert main([*base, "--engine", "ray", "--threads", "1"]) == 2 and len(calls) == 2

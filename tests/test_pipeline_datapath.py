@@ -622,3 +622,65 @@ def test_the_asynchronous_copy_path_on_the_cpu(tmp_path, model, monkeypatch):
     with torch.inference_mode():
         expected = model(pixel_values=views, pixel_values_tiles=tiles, tile_grids=grids).image_embeds
     assert all(torch.equal(t, e) for t, e in zip(tokens, expected, strict=True))
+
+
+PRESTART_SCRIPT = r"""
+import json, multiprocessing, os, sys
+
+
+def child(conn):  # runs in a worker forked from the forkserver: what it holds before importing anything itself
+    conn.send(sorted(name for name in ("torch", "deepencoder.pipeline.runner") if name in sys.modules))
+
+
+def forkservers():  # this process's children running a forkserver
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as stat, open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+                if parent == os.getpid() and b"forkserver" in cmdline.read():
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+if __name__ == "__main__":
+    from deepencoder.pipeline.producer import prestart_workers
+
+    report = {"cpu": prestart_workers("cpu", 2), "no workers": prestart_workers("cuda", 0)}
+    report["servers before"] = len(forkservers())
+    report["cuda"] = prestart_workers("cuda:0", 2)
+    report["torch in this process"] = "torch" in sys.modules
+    report["servers after"] = len(forkservers())
+    ours, theirs = multiprocessing.get_context("forkserver").Pipe()
+    worker = multiprocessing.get_context("forkserver").Process(target=child, args=(theirs,))
+    worker.start()
+    report["in the worker"] = ours.recv()
+    worker.join()
+    print(json.dumps(report))
+"""
+
+
+def test_prestart_workers_starts_a_preloaded_forkserver_before_torch(tmp_path):
+    """`prestart_workers` (what `deepencoder encode` calls first): a CPU run's workers will fork, and nothing starts;
+    a CUDA run's will come from a forkserver, started at once without importing torch here, that has imported the
+    workers' modules itself: a worker forked from it starts with torch and the pipeline loaded (seconds per worker
+    otherwise). No GPU is needed: only the choice depends on the device."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "prestart.py"
+    script.write_text(PRESTART_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report == {
+        "cpu": "fork",
+        "no workers": "forkserver",
+        "servers before": 0,
+        "cuda": "forkserver",
+        "torch in this process": False,
+        "servers after": 1,
+        "in the worker": ["deepencoder.pipeline.runner", "torch"],
+    }

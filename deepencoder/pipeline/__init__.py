@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .dataset import EncodedPages, load_manifest, manifest_generator, to_hf_dataset
     from .names import DEFAULT_WEIGHTS, FEATURES
+    from .producer import prestart_workers
     from .runner import DeviceFailed, EncodeOptions, EncodeResult, encode, shard, tower_name
     from .sources import Document, PageError, RenderOptions, default_long_side, discover, parse_page_ranges
     from .weights import WeightsError, load_model
@@ -44,6 +45,7 @@ _PUBLIC: dict[str, str] = {
     "load_model": "weights",
     "manifest_generator": "dataset",
     "parse_page_ranges": "sources",
+    "prestart_workers": "producer",
     "shard": "runner",
     "to_hf_dataset": "dataset",
     "tower_name": "runner",
@@ -67,6 +69,7 @@ __all__ = [
     "load_model",
     "manifest_generator",
     "parse_page_ranges",
+    "prestart_workers",
     "shard",
     "to_hf_dataset",
     "tower_name",

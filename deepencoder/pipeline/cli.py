@@ -284,6 +284,12 @@ def run_ray(args: argparse.Namespace) -> int:
 
 
 def run_encode(args: argparse.Namespace) -> int:
+    from ..runtime import cuda_requested
+    from .producer import prestart_workers
+
+    if args.engine != "ray":  # page workers of a CUDA run start from a forkserver: started first, it imports what
+        prestart_workers("cuda" if cuda_requested(args.device) else "cpu", args.workers)  # they need meanwhile
+
     import torch
 
     from .runner import DeviceFailed, encode, tower_name

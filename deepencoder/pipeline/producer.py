@@ -10,6 +10,8 @@ A worker that dies (a segfault in a decoder, the OOM killer) is replaced; the pa
 time. A page that was being prepared when its worker died twice becomes a `PageFailure` naming the crash: no page is
 lost and no bad page stops the run. Workers start with the `fork` method where the platform has it and no CUDA context
 exists yet in this process; otherwise with `forkserver` (or `spawn`): they never touch the accelerator either way.
+A forkserver imports the workers' modules once, and workers forked from it start with them loaded; started before
+the tower loads (`prestart_workers`, as `deepencoder encode` does), its imports overlap the tower's loading.
 """
 
 from __future__ import annotations
@@ -22,29 +24,62 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
+if TYPE_CHECKING:  # imported where used: `prestart_workers` runs before torch is imported
+    import numpy as np
 
-from ..image_processing_deepencoder import pixels_in_memory_order
-from .sources import Document
+    from .sources import Document
 
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
 # pixels cross as raw bytes on the pipe's file descriptor (POSIX); elsewhere as framed messages (one more copy)
 _RAW_PIPES = hasattr(os, "readv") and sys.platform != "win32"
 
 
-def start_method(name: str = "auto") -> str:
+# what a worker needs before its first page (`PageWork` and through it torch, transformers and the processor): a
+# forkserver imports it once, so that the workers it forks start with it loaded instead of importing it each
+WORKER_MODULES = ("deepencoder.pipeline.runner",)
+
+
+def start_method(name: str = "auto", cuda: bool | None = None) -> str:
     """`auto`: `fork` on Linux while no CUDA context exists in this process (fast; children never use CUDA),
-    else `forkserver` where available, else `spawn`."""
+    else `forkserver` where available, else `spawn`. cuda: whether a CUDA context exists by the time the workers
+    start (default: whether one exists now)."""
     if name not in START_METHODS:
         raise ValueError(f"worker start method must be one of {START_METHODS}, got {name!r}")
     if name != "auto":
         return name
     methods = multiprocessing.get_all_start_methods()
-    if sys.platform.startswith("linux") and "fork" in methods and not _cuda_initialized():
+    if cuda is None:
+        cuda = _cuda_initialized()
+    if sys.platform.startswith("linux") and "fork" in methods and not cuda:
         return "fork"
     return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def preload_worker_modules(modules: Iterable[str] = WORKER_MODULES) -> None:
+    """Have the forkserver import `modules` when this process starts it (no effect once it runs), keeping what was
+    asked for before (`__main__` by default): every worker forked from it then starts with them imported."""
+    from multiprocessing import forkserver
+
+    current = list(getattr(forkserver._forkserver, "_preload_modules", None) or ["__main__"])
+    multiprocessing.set_forkserver_preload(current + [name for name in modules if name not in current])
+
+
+def prestart_workers(device, workers: int = 1, method: str = "auto") -> str:
+    """Call first, before torch is imported and the tower loaded on `device` (a `torch.device` or its name): returns
+    the start method the page workers of a run on that device will use, and when it is `forkserver` (a CUDA tower;
+    platforms without fork) starts the server now with the workers' modules preloaded, so that its imports (seconds)
+    overlap this process's own imports and the tower's loading instead of delaying the first batch, and the workers
+    of every run in this process start in milliseconds. Nothing is started for `workers=0` or `fork`. Process-level:
+    entry points call it (`deepencoder encode`, `benchmarks.pipeline`), model code never does."""
+    chosen = start_method(method, cuda=_cuda_initialized() or str(device).startswith("cuda"))
+    if workers > 0 and chosen == "forkserver":
+        from multiprocessing import forkserver
+
+        preload_worker_modules()
+        forkserver.ensure_running()
+    return chosen
 
 
 def _cuda_initialized() -> bool:
@@ -66,6 +101,8 @@ def _send_result(conn, key: int, result) -> None:
     reads them straight into the arrays it allocates, `_receive_result`). Pixels travel in their memory order: a
     channels-last view (3, H, W) as its (H, W, 3) pixels (numpy would pickle a transposed copy), and come back as
     the same view."""
+    from ..image_processing_deepencoder import pixels_in_memory_order
+
     arrays: list[np.ndarray] = []
 
     def described(pixels):
@@ -89,6 +126,7 @@ def _send_result(conn, key: int, result) -> None:
 
 def _receive_result(conn) -> tuple[int, object]:
     """What `_send_result` sent: raises EOFError when the worker died before all of it arrived."""
+    import numpy as np
     import torch
 
     key, result = pickle.loads(conn.recv_bytes())
@@ -195,6 +233,8 @@ class PageProducer:
     def __init__(self, work, workers: int, depth: int = 2, method: str = "auto") -> None:
         self.method = start_method(method)
         self.context = multiprocessing.get_context(self.method)
+        if self.method == "forkserver":  # the workers' modules imported once, by the server (if it is not running)
+            preload_worker_modules((*WORKER_MODULES, type(work).__module__))
         self.work_blob = pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)
         self.depth = max(1, depth)
         self._started = 0
