@@ -9,15 +9,26 @@
 # 2. benchmarks.pipeline: end to end, feed-only and tower-only pages/s, first-batch seconds (Base b32, Gundam b8).
 # 3. benchmarks.tower / tower_v2 (quick): kernels, compiled and peers at Base b1 / b32, V2 views.
 # 4. if time is left: Gundam b8 again with --views-per-call 16 (the eager bound on a batch's tile passes).
+#
+# The whole script stops before GPU_SESSION_SECONDS (default 570: a device call is cut at 600 s): each step's limit
+# shrinks to the time left and a step with under 30 s left is skipped. The log is also written to RESULTS_DIR, so it
+# comes back with the results even if the call is cut.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-${OUT:-benchmarks/results}}
 mkdir -p "$results"
+exec > >(tee -a "$results/gpu_session.log") 2>&1
+budget=${GPU_SESSION_SECONDS:-570}
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" || exit 1
 
 step() {  # step SECONDS NAME COMMAND...
-  local limit=$1 name=$2
+  local limit=$1 name=$2 left=$((budget - SECONDS))
   shift 2
+  if ((left < 30)); then
+    echo "=== $name: skipped, ${left}s of the session's ${budget}s left"
+    return
+  fi
+  ((limit > left)) && limit=$left
   echo "=== $name (limit ${limit}s)"
   local start=$SECONDS
   timeout "$limit" "$@" 2>&1 | tail -40
