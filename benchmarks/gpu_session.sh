@@ -6,7 +6,8 @@
 # Each step has its own time limit and the next one runs whatever the previous gave; the log names the card.
 # 1. CUDA branches of the data path against the CPU: uint8 upload + on-device normalisation (bit-identical in fp32),
 #    the encode loop with pinned copies / side stream / event-synchronised copy back (pages equal to a CPU run).
-# 2. benchmarks.pipeline: end to end, feed-only and tower-only pages/s, first-batch seconds (Base b32, Gundam b8).
+# 2. benchmarks.pipeline: end to end, feed-only and tower-only pages/s, first-batch seconds (Base b32, Gundam b8),
+#    and `deepencoder encode` itself in a fresh process (--command: seconds from its start to its first batch).
 # 3. benchmarks.tower / tower_v2 (quick): kernels, compiled and peers at Base b1 / b32, V2 views.
 # 4. if time is left: Gundam b8 again with --views-per-call 16 (the eager bound on a batch's tile passes).
 #
@@ -73,9 +74,9 @@ print(f"encode on cuda vs cpu, fp32, {len(a)} pages: max relative difference {wo
 EOF
 
 step 240 "pipeline Base b32" python3 -m benchmarks.pipeline --tower real --modes base --pages 288 --batch-size 32 \
-  --workers 15 --device cuda --compute-dtype bfloat16 --out "$results/pipeline-base"
+  --workers 15 --device cuda --compute-dtype bfloat16 --command --out "$results/pipeline-base"
 step 150 "pipeline Gundam b8" python3 -m benchmarks.pipeline --tower real --modes gundam --pages 96 --batch-size 8 \
-  --workers 15 --device cuda --compute-dtype bfloat16 --out "$results/pipeline-gundam"
+  --workers 15 --device cuda --compute-dtype bfloat16 --command --out "$results/pipeline-gundam"
 step 240 "tower (quick)" python3 -m benchmarks.tower --device cuda --dtype bf16 --quick --out "$results"
 step 120 "tower V2" python3 -m benchmarks.tower_v2 --device cuda --dtype bf16
 step 150 "pipeline Gundam b8, at most 16 views per pass" python3 -m benchmarks.pipeline --tower real --modes gundam \

@@ -2,7 +2,7 @@
 
     python -m benchmarks.pipeline [--tower near-free|real|CONFIG.json] [--modes base,gundam] [--pages 48]
                                   [--batch-size 8] [--workers 2] [--device auto] [--compute-dtype float32]
-                                  [--views-per-call N] [--threads N]
+                                  [--views-per-call N] [--threads N] [--command]
 
 One command, on the CPU or a GPU. It writes its own input (multi-page letter-sized text PDFs, 6 pages each), then for
 every mode measures, on the same pages:
@@ -14,6 +14,9 @@ every mode measures, on the same pages:
   page workers, the transfer, the normalisation and the writer sustain;
 - `tower_only`: the tower on the same pages prepared beforehand (upload, forward, copy back; on the CPU normalised
   beforehand as the feeding thread does), no I/O.
+- with `--command`, `command`: `deepencoder encode` itself in a fresh process on the same pages and settings: seconds
+  from the command's start to its first batch's rows in the manifest and to its exit (imports and the tower's
+  loading included: the start-up a user sees), and the pages/s its summary reports.
 `--views-per-call` bounds the tower's passes (`model.set_views_per_call`, `deepencoder encode --views-per-call`);
 `--threads` sets the forward's intra-op threads on the CPU (`--threads` of `encode`). The process runs under
 `deepencoder.runtime`'s allocator. Results: benchmarks/results/pipeline-<device>-<tower>.json
@@ -26,7 +29,10 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -110,6 +116,36 @@ def run_encode(model, inputs: Path, out: Path, mode: str, args) -> tuple[float, 
     return result.pages_ok / result.seconds, timed.first - start
 
 
+def command_run(inputs: Path, out: Path, mode: str, config: str | None, device: torch.device, args) -> dict:
+    """`deepencoder encode` as a user runs it, in a fresh process on the same pages and settings (random weights, the
+    same tower): seconds from the command's start until the first batch's rows are in the manifest (the first batch
+    through the tower and written: imports, allocator, the tower's loading and the first pages included), seconds
+    until it exits, and the pages/s its summary reports (the run alone)."""
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "deepencoder", "encode", str(inputs), "--out", str(out), "--weights", "random",
+               "--mode", mode, "--device", str(device), "--compute-dtype", args.compute_dtype,
+               "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--no-progress"]  # fmt: skip
+    command += ["--config", config] if config else []
+    command += ["--views-per-call", str(args.views_per_call)] if args.views_per_call else []
+    command += ["--threads", str(args.threads)] if args.threads else []
+    manifest = out / "manifest.jsonl"
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = None
+    while process.poll() is None:
+        if first is None and manifest.exists() and manifest.stat().st_size > 0:
+            first = time.perf_counter() - start
+        time.sleep(0.005)
+    total = time.perf_counter() - start
+    output = process.stdout.read()
+    if process.returncode != 0:
+        raise RuntimeError(f"deepencoder encode failed ({process.returncode}):\n{output}")
+    rate = re.search(r"^encoded (\d+) pages .*?: ([0-9.]+) pages/s", output, re.MULTILINE)
+    assert rate and int(rate.group(1)) == args.pages, output
+    return {"command_first_batch_s": round(first if first is not None else total, 3),
+            "command_total_s": round(total, 3), "command_pages_per_s": float(rate.group(2))}  # fmt: skip
+
+
 def tower_rate(model, inputs: Path, mode: str, args) -> float:
     """pages/s of the tower alone (upload, normalise, forward, copy back) on pages prepared beforehand."""
     from deepencoder import DeepEncoderImageProcessor
@@ -175,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compute-dtype", default="float32")
     parser.add_argument("--views-per-call", type=int, help="at most N views per tower pass (set_views_per_call)")
     parser.add_argument("--threads", type=int, help="intra-op threads of the forward on the CPU (default: all)")
+    parser.add_argument("--command", action="store_true", help="also time `deepencoder encode` in a fresh process")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON and the plot")
     args = parser.parse_args(argv)
 
@@ -218,6 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "tower_only_pages_per_s": round(tower_only, 2),
                 "first_batch_s": round(first_batch, 3),
             }
+            if args.command:
+                report["modes"][mode].update(command_run(work / "in", work / "cli", mode, config, device, args))
             print(mode, json.dumps(report["modes"][mode]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
