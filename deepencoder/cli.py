@@ -8,6 +8,7 @@ chosen after parsing (never for `--help`, never by re-executing a CUDA run)."""
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 from collections.abc import Iterable, Sequence
@@ -67,8 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The console script. Run from the command line (argv None), a command that does work first gets the fastest
     memory allocator available (`deepencoder.runtime.configure_allocator`; `DEEPENCODER_ALLOCATOR=system` keeps the
     process as started): on a GPU run only glibc's in-place tuning, never a re-execution with a preloaded allocator
-    (the host's allocations are few there, the start-up is not). Called from Python with an argv list it leaves the
-    process alone."""
+    (the host's allocations are few there, the start-up is not); when the command returns, the heap is frozen
+    (`gc.freeze`), so the interpreter's exit does not walk every object of torch and transformers. Called from
+    Python with an argv list it leaves the process alone."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     command = invoked_command(arguments)
     parser = build_parser([] if command is None else [command])
@@ -82,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if argv is None:  # the interpreter's exit then skips walking every object of torch and transformers (0.7 s)
+            gc.freeze()
 
 
 if __name__ == "__main__":  # pragma: no cover
