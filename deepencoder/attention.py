@@ -40,13 +40,19 @@ AttentionFunction = Callable[..., torch.Tensor]
 RelPosKernel = Callable[..., torch.Tensor]
 
 # entries of one additive-mask block of the `mask` kernel, per device type, and (CPU) the query rows of one block. On
-# the CPU a block is up to 1024 query rows of as many heads as 2**25 entries (128 MB in fp32) allow, split evenly: a
-# 1024 px page's global block runs as 2 x 4 launches of 6 heads x 1024 rows (96 MB masks) and its 14 x 14 window
-# blocks as one launch. Rows stay >= 768 so PyTorch's CPU flash kernel keeps its 256-row query tiles (shorter blocks
-# drop to 64-row tiles, ~25% slower), and each launch has heads x 4 tiles to share among threads. Measured against
-# the previous 1 head x 1024 rows (48 launches per global block): the same CPU time on 1 thread, ~40% less on 2
-# threads of a busy machine, where every launch is a thread rendezvous (benchmarks/tower.py, PERF notes in the commit)
-MASK_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 2**25}
+# the CPU a block is up to 1024 query rows of as many heads as 2**23 entries (32 MB in fp32) allow, split evenly: a
+# 1024 px page's global block runs as 6 x 4 launches of 2 heads x 1024 rows and its 14 x 14 window blocks as 2
+# launches of 6 heads (1 head at a time for a batch of 8 pages). Rows stay >= 768 so PyTorch's CPU flash kernel keeps
+# its 256-row query tiles (shorter blocks drop to 64-row tiles, ~25% slower). The size trades cache against launches:
+# 2**25 (6 heads, 96 MB masks, 8 launches) made every launch's mask leave the cache, 2**22 (1 head, 48 launches)
+# pays a thread rendezvous per launch when the cores are busy. A whole real-size Base page on a 2-core Xeon VM, rounds
+# alternating in one process (bit-identical outputs), 2**25 / 2**23 / 2**22: under glibc-tuned (what the CLI picks)
+# 2 threads 5.09 / 4.89 / 4.86 s, 1 thread 9.83 / 9.53 / 9.42 s; under glibc's default allocator (a library user's
+# process, where each large mask is a fresh mmap and its page faults) 2 threads 5.78 / 5.31 / 5.03 s, 1 thread
+# 10.1 / 9.4 s (2**23), a batch of 4 pages 22.4 / 22.3 s, and with a third process spinning on one core 12.4 / 12.5
+# / 13.2 s. (2**25 was chosen against 1 head x 1024 rows on a busy EPYC: the same CPU time on 1 thread, ~40% less
+# on 2 busy threads.)
+MASK_BLOCK_ELEMENTS: dict[str, int] = {"cpu": 2**23}
 MASK_BLOCK_ROWS: dict[str, int] = {"cpu": 1024}
 DEFAULT_MASK_BLOCK_ELEMENTS = 2**28
 # fp16/bf16 on the CPU (`half_precision_cpu_attention`): smaller blocks, whose logits stay in cache between the
