@@ -128,16 +128,17 @@ def command_run(inputs: Path, out: Path, mode: str, config: str | None, device: 
     command += ["--config", config] if config else []
     command += ["--views-per-call", str(args.views_per_call)] if args.views_per_call else []
     command += ["--threads", str(args.threads)] if args.threads else []
-    manifest = out / "manifest.jsonl"
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    first = None
-    while process.poll() is None:
-        if first is None and manifest.exists() and manifest.stat().st_size > 0:
-            first = time.perf_counter() - start
-        time.sleep(0.005)
-    total = time.perf_counter() - start
-    output = process.stdout.read()
+    manifest, log = out / "manifest.jsonl", out.with_name(f"{out.name}.log")
+    with open(log, "w") as sink:  # a file, not a pipe: output the loop does not read can never block the command
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+        first = None
+        while process.poll() is None:
+            if first is None and manifest.exists() and manifest.stat().st_size > 0:
+                first = time.perf_counter() - start
+            time.sleep(0.005)
+        total = time.perf_counter() - start
+    output = log.read_text()
     if process.returncode != 0:
         raise RuntimeError(f"deepencoder encode failed ({process.returncode}):\n{output}")
     rate = re.search(r"^encoded (\d+) pages .*?: ([0-9.]+) pages/s", output, re.MULTILINE)
