@@ -196,10 +196,7 @@ class CompileMixin:
                 _save_cache_artifacts(artifacts)
             return out
 
-        encode_views.__doc__ = type(self).encode_views.__doc__
-        encode_views.views_per_call = views_per_call
-        encode_views.compiled = True
-        self.__dict__["encode_views"] = encode_views  # shadows the method until `uncompile()`
+        self._shadow_encode_views(encode_views, views_per_call, compiled=True)
 
     @property
     def views_per_call(self) -> int | None:
@@ -213,8 +210,8 @@ class CompileMixin:
         Compiled tower: the fixed size of its graph (a pipeline halving its batches after running out of memory:
         the next call compiles the new size once). Eager tower: more than `size` views run in passes of `size`
         views, the last one shorter (no padding: an eager pass gains nothing from a fixed shape), so the
-        activations of at most `size` views are alive at a time whatever a batch's tile count. Views are encoded independently:
-        the outputs are those of one pass over all views. `compile()` and `uncompile()` reset it."""
+        activations of at most `size` views are alive at a time whatever a batch's tile count. Views are encoded
+        independently: the outputs are those of one pass over all views. `compile()` and `uncompile()` reset it."""
         if size is not None:
             _check_views_per_call(size)
         wrapper = self.__dict__.get("encode_views")
@@ -232,10 +229,14 @@ class CompileMixin:
                 return run_in_chunks(method, pixel_values, limit, *args, pad=False, **kwargs)
             return method(pixel_values, *args, **kwargs)
 
-        encode_views.__doc__ = type(self).encode_views.__doc__
-        encode_views.views_per_call = size
-        encode_views.compiled = False
-        self.__dict__["encode_views"] = encode_views  # shadows the method until `uncompile()` / `None`
+        self._shadow_encode_views(encode_views, size, compiled=False)
+
+    def _shadow_encode_views(self, wrapper: Callable, views_per_call: int | None, compiled: bool) -> None:
+        """Install `wrapper` in place of the `encode_views` method until `uncompile()` (or, eager, a None limit)."""
+        wrapper.__doc__ = type(self).encode_views.__doc__
+        wrapper.views_per_call = views_per_call
+        wrapper.compiled = compiled
+        self.__dict__["encode_views"] = wrapper
 
     def uncompile(self) -> None:
         """Back to the plain eager `encode_views` (compiled graphs stay in torch's caches; no views-per-call

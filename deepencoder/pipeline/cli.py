@@ -284,18 +284,6 @@ def run_ray(args: argparse.Namespace) -> int:
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    from ..runtime import cuda_requested
-    from .producer import prestart_workers
-
-    if args.engine != "ray":  # page workers of a CUDA run start from a forkserver: started first, it imports what
-        prestart_workers("cuda" if cuda_requested(args.device) else "cpu", args.workers)  # they need meanwhile
-
-    import torch
-
-    from .runner import DeviceFailed, encode, tower_name
-    from .weights import WeightsError, load_model
-    from .writer import OutputLocked
-
     for flag, value in (("--views-per-call", args.views_per_call), ("--threads", args.threads)):
         if value is not None and value < 1:
             print(f"error: {flag} must be at least 1, got {value}", file=sys.stderr)
@@ -307,6 +295,20 @@ def run_encode(args: argparse.Namespace) -> int:
             print(f"error: {', '.join(local)}: options of the local engine, not of --engine ray", file=sys.stderr)
             return 2
         return run_ray(args)
+
+    from ..runtime import cuda_requested
+    from .producer import prestart_workers
+
+    # page workers of a CUDA run start from a forkserver: started before torch is imported, it imports what they
+    # need beside this process's imports and the tower's loading
+    prestart_workers("cuda" if cuda_requested(args.device) else "cpu", args.workers)
+
+    import torch
+
+    from .runner import DeviceFailed, encode, tower_name
+    from .weights import WeightsError, load_model
+    from .writer import OutputLocked
+
     rank, world_size, local_rank = _init_distributed()
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if rank == 0 else (lambda *a, **k: None)
     try:
