@@ -476,13 +476,15 @@ def test_other_model_errors_are_not_device_failures():
     assert not runner.is_out_of_memory(RuntimeError("index out of range"))
 
 
-def test_next_batch_is_queued_before_the_previous_one_is_waited_for(tmp_path, model, monkeypatch):
-    """The loop queues batch k+1 on the device before it waits for batch k's results (on CUDA the forward and the
-    copies are asynchronous; on the CPU the order is the same, each step runs at once)."""
+@pytest.mark.parametrize("at_once", [False, True], ids=["accelerator", "cpu"])
+def test_batches_are_queued_and_waited_for_in_the_devices_order(tmp_path, model, monkeypatch, at_once):
+    """On an accelerator the loop queues batch k+1 before it waits for batch k's results (the forward and the copies
+    are asynchronous there; decided on the CPU by `runs_at_once`); on the CPU, where the forward is done when it
+    returns, each batch is finished at once and its batch tensor handed back to the staging before the next one."""
     (tmp_path / "in").mkdir()
     make_pdf(tmp_path / "in" / "book.pdf", 5)
     events = []
-    launch = PageWork.launch
+    launch, release = PageWork.launch, runner._CpuStager.release
 
     def recording_launch(self, tower, batch):
         pages = [item.index for item in batch]
@@ -490,12 +492,25 @@ def test_next_batch_is_queued_before_the_previous_one_is_waited_for(tmp_path, mo
         wait = launch(self, tower, batch)
         return lambda: events.append(("waited", pages)) or wait()
 
+    def recording_release(self, batch):
+        events.append(("released", [item.index for item in batch]))
+        release(self, batch)
+
     monkeypatch.setattr(PageWork, "launch", recording_launch)
+    monkeypatch.setattr(runner._CpuStager, "release", recording_release)
+    assert PageWork.runs_at_once(None, torch.device("cpu")) and not PageWork.runs_at_once(None, torch.device("cuda"))
+    monkeypatch.setattr(PageWork, "runs_at_once", lambda self, device: at_once)
     result = encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=2, workers=0,
                     progress=False)  # fmt: skip
     assert result.ok and result.pages_ok == 5
-    assert events == [("queued", [0, 1]), ("queued", [2, 3]), ("waited", [0, 1]), ("queued", [4]),
-                      ("waited", [2, 3]), ("waited", [4])]  # fmt: skip
+    if at_once:
+        assert events == [("queued", [0, 1]), ("waited", [0, 1]), ("released", [0, 1]), ("queued", [2, 3]),
+                          ("waited", [2, 3]), ("released", [2, 3]), ("queued", [4]), ("waited", [4]),
+                          ("released", [4])]  # fmt: skip
+    else:
+        assert events == [("queued", [0, 1]), ("queued", [2, 3]), ("waited", [0, 1]), ("released", [0, 1]),
+                          ("queued", [4]), ("waited", [2, 3]), ("released", [2, 3]), ("waited", [4]),
+                          ("released", [4])]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- writer

@@ -353,6 +353,11 @@ class PageWork:
         into the batch tensor; on an accelerator nothing (pages stay uint8 until `upload`)."""
         return _CpuStager(self, dtype) if device.type == "cpu" else None
 
+    def runs_at_once(self, device: torch.device) -> bool:
+        """Whether `launch` on `device` returns with the forward done (the CPU), so that the loop finishes each batch
+        at once; on an accelerator the forward is queued and the loop queues the next batch before it waits."""
+        return device.type == "cpu"
+
     def _copies(self, device: torch.device) -> _CudaCopies | None:
         """The device's asynchronous host copies (`device_copies`), made once per device; None: plain copies."""
         copies = self.__dict__.setdefault("_device_copies", {})
@@ -751,6 +756,7 @@ class _Encoder:
         self.pending: tuple[list[PageInput], Callable[[], list[tuple]]] | None = None  # queued, not finished
         parameter = next(model.parameters())
         self.stager = work.stager(parameter.device, parameter.dtype)
+        self.at_once = work.runs_at_once(parameter.device)
 
     # ------------------------------------------------------------------ producer side (feeder thread)
     def _feed(self, documents: list[Document], items: queue.Queue, stop: threading.Event) -> None:
@@ -784,10 +790,10 @@ class _Encoder:
         except BaseException as error:  # surfaced by the consumer
             items.put(error)
         finally:
+            items.put(_END)  # first: the loop runs the last batch while the workers stop
             if producer is not None:
                 self.crashes = producer.crashes
                 producer.close(abort=stop.is_set())
-            items.put(_END)
 
     # ------------------------------------------------------------------ writer side (writer thread)
     def _write(self, kind: str, payload) -> None:
@@ -841,7 +847,8 @@ class _Encoder:
 
     def _run_batch(self, batch: list[PageInput], out: _Writer) -> None:
         """Queue `batch` on the device, then finish the batch queued before it (the device works on this one while
-        its predecessor's results go to the writer)."""
+        its predecessor's results go to the writer). A tower that runs as it is called (`runs_at_once`) finishes
+        the batch at once instead: holding it until the next batch would only keep its pixels in memory."""
         try:
             pending = (batch, self.work.start_batch(self.model, batch))
         except DeviceFailed:
@@ -852,6 +859,8 @@ class _Encoder:
             raise
         self._complete(out)
         self.pending = pending
+        if self.at_once:  # nothing to overlap: finished now, its batch tensor free for the pages staged next
+            self._complete(out)
 
     def _complete(self, out: _Writer) -> None:
         if self.pending is None:
@@ -881,7 +890,7 @@ class _Encoder:
         self.ok_rows = {
             (row.get("output"), row.get("key")) for row in writer.all_rows(self.folder) if row.get("status") == "ok"
         }
-        items: queue.Queue = queue.Queue(maxsize=max(1, options.batch_size))
+        items: queue.Queue = queue.Queue(maxsize=max(1, options.batch_size - 1))
         stop = threading.Event()
         desc = "encode" if self.world_size == 1 else f"encode rank {self.rank}/{self.world_size}"
         self.bar = tqdm(total=0, unit="page", desc=desc, disable=not options.progress, dynamic_ncols=True)
