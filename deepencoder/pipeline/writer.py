@@ -31,7 +31,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -180,7 +180,7 @@ class Folder:
         tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
         try:
             with open(tmp, "wb") as handle:
-                for chunk in chunks:
+                for chunk in _coalesced(chunks):
                     if isinstance(chunk, FileRange):
                         handle.flush()
                         _copy_range(chunk, handle)
@@ -201,6 +201,27 @@ class FileRange(NamedTuple):
     path: str
     start: int
     end: int
+
+
+def _coalesced(chunks: Iterable[bytes | FileRange]) -> Iterator[bytes | FileRange]:
+    """`chunks` with each run of file ranges that continue one another in one file joined into one range: a merge
+    copies a part file's consecutive pages with one call, not one per page."""
+    pending: FileRange | None = None
+    for chunk in chunks:
+        if isinstance(chunk, FileRange):
+            if pending is not None and chunk.path == pending.path and chunk.start == pending.end:
+                pending = pending._replace(end=chunk.end)
+                continue
+            if pending is not None:
+                yield pending
+            pending = chunk
+            continue
+        if pending is not None:
+            yield pending
+            pending = None
+        yield chunk
+    if pending is not None:
+        yield pending
 
 
 def _copy_range(chunk: FileRange, handle) -> None:
@@ -311,16 +332,18 @@ def read_tensor(folder: Folder, relative: str, key: str, header: dict[str, Any] 
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(entry["shape"])
 
 
-def _sources(folder: Folder, relative: str):
-    """(key, (dtype, shape, loader)) of a safetensors file; the loaders read each tensor's bytes as stored (a merge
-    copies bytes: no tensor is rebuilt)."""
+def _sources(folder: Folder, relative: str) -> tuple[list[tuple[str, tuple]], dict[str, str]]:
+    """`(key, (dtype, shape, loader))` of a safetensors file and its metadata, from one read of its header; the
+    loaders give each tensor's bytes as stored (a merge copies bytes: no tensor is rebuilt)."""
     (length,) = struct.unpack("<Q", folder.read_range(relative, 0, 8))
     header = json.loads(folder.read_range(relative, 8, 8 + length))
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
+    sources = []
     for key, entry in header.items():
         start, end = (8 + length + offset for offset in entry["data_offsets"])
         loader = lambda f=folder, r=relative, a=start, b=end: f.file_range(r, a, b)  # noqa: E731
-        yield key, (_CODE_DTYPES[entry["dtype"]], tuple(entry["shape"]), loader)
+        sources.append((key, (_CODE_DTYPES[entry["dtype"]], tuple(entry["shape"]), loader)))
+    return sources, dict(metadata)
 
 
 def page_key(index: int) -> str:
@@ -368,8 +391,9 @@ def merge_document(folder: Folder, document_name: str) -> list[str]:
     entries: dict[str, tuple] = {}
     metadata: dict[str, str] = {}
     for relative in ([final] if folder.exists(final) else []) + parts:
-        entries.update(_sources(folder, relative))
-        metadata.update(read_keys(folder, relative)[1])
+        sources, stored = _sources(folder, relative)
+        entries.update(sources)
+        metadata.update(stored)
     ordered = sorted(entries.items(), key=lambda item: key_index(item[0]))
     write_safetensors(folder, final, ordered, {k: v for k, v in metadata.items() if k in entries})
     for part in parts:
