@@ -513,6 +513,51 @@ def test_batches_are_queued_and_waited_for_in_the_devices_order(tmp_path, model,
                           ("released", [4])]  # fmt: skip
 
 
+class BigPageWork:
+    """Page preparation without a document: every page a blank 1024 x 1024 uint8 view, 3 MiB (more than a pipe
+    holds, so a worker blocks sending each page until the encode process reads it)."""
+
+    class Reader:
+        def release(self, document):
+            pass
+
+        def close(self):
+            pass
+
+    def in_worker(self):
+        pass
+
+    def page_reader(self):
+        return self.Reader()
+
+    def prepare(self, reader, document, index):
+        pixels = torch.full((3, 1024, 1024), index % 256, dtype=torch.uint8)
+        return runner.PageInput(document, index, None, (1024, 1024), pixels, None, 0.0)
+
+
+def test_a_deep_prefetch_never_deadlocks_the_worker_pipes():
+    """However many pages the prefetch asks for per worker (here 2,000: `--prefetch 2000 --workers 1`), the tasks sent
+    ahead of a worker stay few enough to fit in its pipe, so the encode process never blocks sending tasks while the
+    worker blocks sending a page back: every page arrives, in order (without the cap: a hang from about 160)."""
+    from deepencoder.pipeline.producer import PageProducer, PageTask
+    from deepencoder.pipeline.sources import Document
+
+    document = Document(source="/nowhere/book.pdf", name="book.pdf", kind="pdf")
+    producer = PageProducer(BigPageWork(), workers=1, depth=2000)
+
+    def run():
+        with producer:
+            tasks = (PageTask(document, i) for i in range(240))
+            return [(task.index, int(page.pixel_values[0, 0, 0])) for task, page in producer.run(tasks, None)]
+
+    try:
+        got = guarded(run, timeout=120)
+    finally:
+        for worker in producer.workers:
+            worker.process.kill()
+    assert got == [(i, i % 256) for i in range(240)]
+
+
 # ---------------------------------------------------------------------------------------------- writer
 def test_one_part_file_per_batch_and_document(tmp_path, model, monkeypatch):
     (tmp_path / "in").mkdir()

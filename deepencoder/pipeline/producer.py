@@ -2,7 +2,8 @@
 
 Each worker is a process with its own pdfium documents (pdfium is not thread-safe, so pages rendered by threads of one
 process take turns; processes render side by side), its own page reader and no torch intra-op pool. The main process
-hands out one page at a time (at most `depth` pages in flight per worker, so a 3,000-page PDF is never held whole) and
+hands out one page at a time (at most `depth` pages in flight per worker, never more than `MAX_TASKS_AHEAD`, so a
+3,000-page PDF is never held whole and the task messages always fit in the pipe) and
 gets back `PageInput` (uint8 pixels: a quarter of float32's bytes through the pipe) or `PageFailure`, which it yields
 in the order the pages were asked for: batches are the same whatever worker finished first.
 
@@ -35,6 +36,12 @@ START_METHODS = ("auto", "fork", "forkserver", "spawn")
 # pixels cross as raw bytes on the pipe's file descriptor (POSIX); elsewhere as framed messages (one more copy)
 _RAW_PIPES = hasattr(os, "readv") and sys.platform != "win32"
 
+
+# pages handed to one worker at a time, whatever the prefetch asks: a worker blocked sending a page back (megabytes,
+# more than the pipe holds) reads no tasks, so the tasks sent ahead must fit in its pipe's buffer, or the encode
+# process blocks sending them while the worker blocks sending to it (a deadlock: from about 160 tasks of 300 bytes on
+# Linux's default socket buffers; macOS's hold 8 KiB). More ahead buys nothing: a worker prepares one page at a time.
+MAX_TASKS_AHEAD = 8
 
 # what a worker needs before its first page (`PageWork` and through it torch, transformers and the processor): a
 # forkserver imports it once, so that the workers it forks start with it loaded instead of importing it each
@@ -236,7 +243,7 @@ class PageProducer:
         if self.method == "forkserver":  # the workers' modules imported once, by the server (if it is not running)
             preload_worker_modules((*WORKER_MODULES, type(work).__module__))
         self.work_blob = pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)
-        self.depth = max(1, depth)
+        self.depth = max(1, min(depth, MAX_TASKS_AHEAD))
         self._started = 0
         self.crashes: list[str] = []  # what happened, for the run's summary / warnings
         self.workers = [self._start() for _ in range(max(1, workers))]

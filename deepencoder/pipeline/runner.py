@@ -51,7 +51,7 @@ class EncodeOptions:
     dtype: dtype of the stored tensors (the model computes in its own dtype).
     batch_size: pages per forward; all their global views run as one batch, all their tiles as another.
     workers: processes decoding / rendering / preprocessing pages (`producer`; 0: a thread of this process);
-        prefetch: pages handed to the workers ahead of the model (default 2 * batch_size).
+        prefetch: pages handed to the workers ahead of the model (default 2 * batch_size; at most 8 a worker).
     worker_start: how worker processes start: auto (fork on Linux before any CUDA context, else forkserver /
         spawn), fork, forkserver, spawn.
     threads: intra-op threads of the forward on the CPU during the run, the previous setting restored afterwards
