@@ -243,6 +243,11 @@ def test_cpu_staging_reuses_a_batch_tensor_only_once_released(tmp_path):
     assert third[0].pixel_values.data_ptr() == first[0].pixel_values.data_ptr()
     for staged, page in zip(second + third, pages[2:]):
         assert torch.equal(staged.pixel_values, work.processor.normalize(page.pixel_values))
+    stage.release(second + third)
+    work.batch_limit = 1  # halved after out of memory: batch tensors of 2 pages are never used again, nor kept
+    fourth = stage(pages[0])
+    assert fourth.pixel_values.data_ptr() not in {second[0].pixel_values.data_ptr(), third[0].pixel_values.data_ptr()}
+    assert [tuple(t.shape)[0] for t in stage.free] == []
 
 
 # ---------------------------------------------------------------------------------------------- worker processes
@@ -456,8 +461,8 @@ def test_sticky_device_error_stops_the_run_and_resume_completes(tmp_path, model)
     rows = read_rows(out / "manifest.jsonl")
     assert [(r["document"], r["page"], r["status"]) for r in rows] == [("book.pdf", 0, "ok"), ("book.pdf", 1, "ok")]
     assert not list(out.rglob("*.tmp-*")) and not (out / ".lock").exists()
-    for part in (out / ".parts").rglob("*.safetensors"):  # the finished batch is on disk, whole
-        load_file(str(part))
+    on_disk = [key for part in (out / ".parts").rglob("*.safetensors") for key in load_file(str(part))]
+    assert sorted(on_disk) == ["page.0", "page.1"]  # the finished batch is on disk, whole
 
     result = encode([str(tmp_path / "in")], out, model, processor(), batch_size=2, workers=0, progress=False)
     assert result.ok and result.pages_skipped == 2 and result.pages_ok == 4
@@ -466,6 +471,24 @@ def test_sticky_device_error_stops_the_run_and_resume_completes(tmp_path, model)
     encode([str(tmp_path / "in")], tmp_path / "plain", model, processor(), batch_size=2, workers=0, progress=False)
     expected, got = stored(tmp_path / "plain"), stored(out)
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_tower_returning_fewer_outputs_than_pages_gives_every_page_an_error_row(tmp_path, model, monkeypatch):
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 3)
+    launch = PageWork.launch
+
+    def short_launch(self, tower, batch):
+        wait = launch(self, tower, batch)
+        return lambda: wait()[:-1]  # one page's output missing
+
+    monkeypatch.setattr(PageWork, "launch", short_launch)
+    result = encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=3, workers=0,
+                    progress=False)  # fmt: skip
+    rows = read_rows(tmp_path / "out" / "manifest.jsonl")
+    assert not result.ok and result.pages_ok == 0 and result.pages_error == 3
+    assert [(r["page"], r["status"]) for r in rows] == [(0, "error"), (1, "error"), (2, "error")]
+    assert all("2 outputs for a batch of 3 pages" in r["error"] for r in rows)
 
 
 def test_other_model_errors_are_not_device_failures():

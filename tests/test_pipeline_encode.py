@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from helpers import random_model
-from pipeline_support import direct_outputs, make_documents, make_pdf, processor
+from pipeline_support import direct_outputs, make_documents, make_pdf, processor, text_page
 from safetensors.torch import load_file
 
 from deepencoder.pipeline import (
@@ -88,6 +88,22 @@ def test_pre_projector_bf16_and_page_ranges(tmp_path, model):
     encode([pdf], out, model, processor(), options, pages=None)
     assert sorted(load_file(str(out / "long.pdf.safetensors"))) == [f"page.{i}" for i in range(5)]
     assert sorted(r["page"] for r in load_manifest(out)) == [0, 1, 2, 3, 4]
+
+
+def test_page_ranges_apply_to_multi_page_documents_and_keep_single_images(tmp_path, model):
+    """`--pages 1-`: pages 1 on of a PDF and of a 3-frame TIFF; a single image is its one page and is encoded (it used
+    to get no row at all)."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 3)
+    text_page((120, 90), "scan").save(tmp_path / "in" / "scan.png")
+    frames = [text_page((120, 90), f"frame {i}") for i in range(3)]
+    frames[0].save(tmp_path / "in" / "stack.tiff", save_all=True, append_images=frames[1:])
+    result = encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=2, pages="1-",
+                    progress=False)  # fmt: skip
+    rows = read_rows(tmp_path / "out" / "manifest.jsonl")
+    assert result.ok and sorted((r["document"], r["page"]) for r in rows) == [
+        ("book.pdf", 1), ("book.pdf", 2), ("scan.png", 0), ("stack.tiff", 1), ("stack.tiff", 2)
+    ]  # fmt: skip
 
 
 def test_discovery(tmp_path):

@@ -42,8 +42,10 @@ def test_kill_then_resume(tmp_path):
     wait_for(lambda: not processes_with(str(tmp_path / "gate")), what="the killed run's page workers to exit")
     killed_rows = read_rows(manifest)
     assert len(killed_rows) == 2  # batch size 1: one row per batch, the run stopped after two
-    for path in out.glob("*.safetensors"):  # whatever exists under a final name loads
-        load_file(str(path))
+    # what the killed run wrote loads (its batches' part files; a document finished by then, merged) and holds
+    # exactly the pages of its rows
+    on_disk = [key for path in out.rglob("*.safetensors") for key in load_file(str(path))]
+    assert sorted(on_disk) == sorted(row["key"] for row in killed_rows)
 
     finished = cli(args)
     assert finished.returncode == 0, finished.stderr
@@ -101,3 +103,19 @@ def test_kill_between_a_part_and_its_rows_then_resume(tmp_path, monkeypatch):
     stored = {(p.name.removesuffix(".safetensors"), int(k.split(".")[1])) for p in out.glob("*.safetensors")
               for k in load_file(str(p))}  # fmt: skip
     assert stored == set(pages)
+
+
+def test_clean_temp_files_removes_temp_files_only(tmp_path):
+    """A killed run's temp files go at the next start; a document whose own name holds `.tmp-` stays (it used to be
+    deleted at every start, its pages encoded again each time)."""
+    from deepencoder.pipeline import writer
+
+    names = ["scan.tmp-2.pdf.safetensors", "a.pdf.safetensors", "a.pdf.safetensors.tmp-4242-139871",
+             ".parts/b.pdf/pages.0-7.safetensors.tmp-17-23", ".lock.tmp-stale-0f3a9c", "p/x.png.tmp-preview"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    assert writer.clean_temp_files(writer.Folder(tmp_path)) == 4
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "a.pdf.safetensors", "scan.tmp-2.pdf.safetensors"
+    ]  # fmt: skip

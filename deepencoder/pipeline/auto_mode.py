@@ -253,7 +253,7 @@ def plan_pages(
     try:
         for document in discover(inputs):
             try:
-                indices = select_pages(count_pages(document), ranges)
+                indices = select_pages(count_pages(document), ranges, document.kind)
             except PageError as error:
                 rows.append({"source": document.source, "page": None, "error": str(error)})
                 errors += 1

@@ -96,7 +96,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="pages handed to the workers ahead of the model (default 2*batch, at most 8 a worker)",
     )
-    parser.add_argument("--pages", help="0-based page ranges of multi-page documents, e.g. 0-2,5,9-")
+    parser.add_argument(
+        "--pages", help="0-based page ranges of multi-page documents, e.g. 0-2,5,9- (single images are always encoded)"
+    )
     parser.add_argument("--dpi", type=float, help="PDF render DPI (default: the page's long side fitted to the mode)")
     parser.add_argument(
         "--max-image-pixels",

@@ -52,7 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders, globs, or .txt files of paths")
     add_auto_options(parser)
-    parser.add_argument("--pages", help="0-based page ranges of multi-page documents, e.g. 0-2,5,9-")
+    parser.add_argument(
+        "--pages", help="0-based page ranges of multi-page documents, e.g. 0-2,5,9- (single images are always encoded)"
+    )
     parser.add_argument("--dpi", type=float, help="PDF render DPI (default: the page's long side fitted to the mode)")
     parser.add_argument("--json", action="store_true", help='one JSON object: {"pages": [...], "summary": {...}}')
     parser.set_defaults(func=run_plan)

@@ -57,7 +57,7 @@ class EncodeOptions:
     threads: intra-op threads of the forward on the CPU during the run, the previous setting restored afterwards
         (default: the process's setting, all cores: on 2 cores a real-size tower runs 1.9x faster on 2 threads than
         on 1, while the near-free tower is within 5% either way). Ignored on accelerators.
-    pages: 0-based page ranges applied to every multi-page document, e.g. `0-2,5,9-`.
+    pages: 0-based page ranges applied to every multi-page document, e.g. `0-2,5,9-` (a single image is encoded).
     dpi, max_image_pixels, max_aspect: see `RenderOptions` (dpi None: long side fitted to the mode).
     preview_dir: write `<document>/page.<i>.png` previews there.
     progress: progress bars; sleep_per_batch: seconds slept after each batch (to watch or interrupt a run).
@@ -282,7 +282,7 @@ class PageWork:
         except Exception as error:  # noqa: BLE001 - bad input never stops the run
             return DocStart(document, [], 0, done_rows, _error_text(error))
         done = {writer.key_index(key) for key in keys}
-        wanted = select_pages(count, self.ranges)
+        wanted = select_pages(count, self.ranges, document.kind)
         todo = [i for i in wanted if i not in done]
         return DocStart(document, todo, len(wanted) - len(todo), done_rows)
 
@@ -483,6 +483,9 @@ class PageWork:
 
     def _results(self, batch: list[PageInput], features: list[torch.Tensor], start: float) -> list[tuple]:
         share = (time.perf_counter() - start) / len(batch)
+        if len(features) != len(batch):  # no page may go without a row
+            message = f"model returned {len(features)} outputs for a batch of {len(batch)} pages"
+            return [(item, None, self.error_row(item.document, item.index, message)) for item in batch]
         results = []
         for item, tensor in zip(batch, features):
             expected = item.plan.num_tokens if self.options.features == "projected" else None
@@ -588,7 +591,8 @@ class _CpuStager:
     straight into slots of a batch tensor (`batch_limit` of them, the next one taken when it is full or the view
     size changes), so the loop's `upload` takes consecutive slots as the batch without copying; tiles on their own.
     Bit-identical to normalising in `upload`. A batch tensor whose pages the loop has all finished (`release`) is
-    used again (memory already touched: no page faults), else a new one is allocated (the feeder never waits)."""
+    used again (memory already touched: no page faults), else a new one is allocated (the feeder never waits); kept
+    ones of another shape (the batch halved after out of memory, another view size) are dropped."""
 
     def __init__(self, work: PageWork, dtype: torch.dtype) -> None:
         self.work, self.dtype = work, dtype
@@ -605,9 +609,9 @@ class _CpuStager:
         with self.lock:
             slab = self.slab
             if slab is None or slab[1] == len(slab[0]) or tuple(slab[0].shape) != shape:
-                reuse = [i for i, t in enumerate(self.free) if tuple(t.shape) == shape]
-                tensor = self.free.pop(reuse[0]) if reuse else torch.empty(shape, dtype=self.dtype)
                 self._retire(slab)
+                self.free = [t for t in self.free if tuple(t.shape) == shape]  # not a past batch or view size's
+                tensor = self.free.pop() if self.free else torch.empty(shape, dtype=self.dtype)
                 slab = self.slab = [tensor, 0, 0]
             index = slab[1]
             slab[1] += 1

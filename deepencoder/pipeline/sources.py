@@ -203,8 +203,10 @@ def parse_page_ranges(spec: str | None) -> list[tuple[int, int | None]] | None:
     return ranges
 
 
-def select_pages(count: int, ranges: list[tuple[int, int | None]] | None) -> list[int]:
-    if ranges is None:
+def select_pages(count: int, ranges: list[tuple[int, int | None]] | None, kind: str = "pdf") -> list[int]:
+    """The 0-based pages of a document of `count` pages that `ranges` (`parse_page_ranges`) select. Ranges are for
+    multi-page documents (PDFs, multi-frame images): a single image (`kind` "image", one frame) is its one page."""
+    if ranges is None or (kind != "pdf" and count == 1):
         return list(range(count))
     pages = {i for start, end in ranges for i in range(start, min(count - 1, count if end is None else end) + 1)}
     return sorted(i for i in pages if 0 <= i < count)

@@ -43,6 +43,9 @@ PARTS_DIR = ".parts"
 MANIFEST = "manifest.jsonl"
 LOCK = ".lock"
 TMP_MARK = ".tmp-"
+# the names this module (and the preview writer) give temp files: `<name>.tmp-<pid>-<thread>`, `<name>.tmp-preview`,
+# `.lock.tmp-stale-<token>`; a document merely named `scan.tmp-2.pdf` is not one
+_TEMP_NAME = re.compile(re.escape(TMP_MARK) + r"(?:\d+-\d+|preview|stale-[0-9a-f]+)$")
 _MANIFEST_PART = re.compile(r"^manifest\.rank(\d+)(?:\.(\d+))?\.jsonl$")
 
 DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
@@ -385,7 +388,7 @@ def merge_document(folder: Folder, document_name: str) -> list[str]:
     the same key), atomically, then delete the parts. Returns the keys now in the document file."""
     parts_dir = _parts_dir(document_name)
     final = document_file(document_name)
-    parts = [f"{parts_dir}/{name}" for name in folder.list(parts_dir, ".safetensors") if TMP_MARK not in name]
+    parts = [f"{parts_dir}/{name}" for name in folder.list(parts_dir, ".safetensors") if not is_temp_name(name)]
     if not parts:
         return read_keys(folder, final)[0] if folder.exists(final) else []
     entries: dict[str, tuple] = {}
@@ -402,11 +405,16 @@ def merge_document(folder: Folder, document_name: str) -> list[str]:
     return [key for key, _ in ordered]
 
 
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one a write of this module gives its temp file (never a document's own name)."""
+    return _TEMP_NAME.search(name) is not None
+
+
 def clean_temp_files(folder: Folder) -> int:
     """Remove temp files a killed run left behind (never a file under its final name)."""
     removed = 0
     for relative in folder.walk_files():
-        if TMP_MARK in relative.rsplit("/", 1)[-1]:
+        if is_temp_name(relative.rsplit("/", 1)[-1]):
             folder.remove(relative)
             removed += 1
     return removed
