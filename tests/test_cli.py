@@ -146,8 +146,15 @@ def test_cli_threads_reach_the_run_and_local_options_are_refused_with_ray(tmp_pa
     for flags in (["--views-per-call", "2"], ["--threads", "1"], ["--compile"]):
         assert main([*base, *flags]) == 2  # refused before Ray is started
         assert f"error: {flags[0]}: options of the local engine" in capsys.readouterr().err
-    assert main(["encode", str(tmp_path / "x.pdf"), "--out", str(tmp_path / "o"), "--threads", "0"]) == 2
-    assert "--threads must be at least 1, got 0" in capsys.readouterr().err
+    local = ["encode", str(tmp_path / "x.pdf"), "--out", str(tmp_path / "o")]
+    for flags, message in ((["--threads", "0"], "--threads must be at least 1, got 0"),
+                           (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+                           (["--prefetch", "-1"], "--prefetch must be at least 1, got -1"),
+                           (["--workers", "-2"], "--workers must be at least 0, got -2"),
+                           (["--pages", "1-x"], "bad page range '1-x'")):  # fmt: skip
+        assert main([*local, *flags]) == 2  # before the tower loads and the folder is locked
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_encode_prestarts_page_workers_for_its_device_first(tmp_path, monkeypatch):

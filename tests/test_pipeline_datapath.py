@@ -591,7 +591,9 @@ def test_one_part_file_per_batch_and_document(tmp_path, model, monkeypatch):
     monkeypatch.setattr(writer, "write_pages", lambda *a: written.append(write_pages(*a)))
     merged = []
     merge_document = writer.merge_document
-    monkeypatch.setattr(writer, "merge_document", lambda f, name: merged.append(name) or merge_document(f, name))
+    monkeypatch.setattr(
+        writer, "merge_document", lambda f, name, **kw: merged.append(name) or merge_document(f, name, **kw)
+    )
     result = encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=4, workers=0,
                     progress=False)  # fmt: skip
     assert result.ok
@@ -633,6 +635,69 @@ def test_merge_copies_stored_bytes_file_to_file(tmp_path, monkeypatch, kernel_co
     metadata = writer.read_keys(folder, "doc.pdf.safetensors")[1]
     assert {key: json.loads(row)["n"] for key, row in metadata.items()} == {writer.page_key(i): 5 + i for i in range(4)}
     assert not any(p.is_file() for p in (tmp_path / "out" / ".parts").rglob("*"))
+
+
+def _leftover_part(out, page: int, tensor: torch.Tensor, row: dict, cut: bool = False) -> None:
+    """A part file a killed run left for `page` of book.pdf; `cut`: its last bytes missing."""
+    relative = writer.write_pages(writer.Folder(out), "book.pdf", [(writer.page_key(page), tensor, row)])
+    if cut:
+        path = out / relative
+        path.write_bytes(path.read_bytes()[:-10])
+
+
+def test_resume_removes_only_unreadable_files_and_encodes_their_pages_again(tmp_path, model, capsys):
+    """A resumed run meets a document file or a part that does not read back (cut short): that file alone is removed,
+    with a warning naming it, and its pages are encoded again; the good ones are kept. Outputs equal a clean run's
+    (batch size 1: a page's tokens do not depend on its batch)."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 4)
+    run = lambda out, **kw: encode([str(tmp_path / "in")], out, model, processor(), batch_size=1, workers=0,  # noqa: E731
+                                   progress=False, **kw)  # fmt: skip
+    run(tmp_path / "plain")
+    expected = stored(tmp_path / "plain")
+    rows = {r["page"]: r for r in read_rows(tmp_path / "plain" / "manifest.jsonl")}
+    out = tmp_path / "out"
+    run(out, pages="0-1")  # the document file holds pages 0 and 1
+    _leftover_part(out, 2, expected[("book.pdf", 2)], rows[2], cut=True)
+    _leftover_part(out, 3, expected[("book.pdf", 3)], rows[3])
+    capsys.readouterr()
+    result = run(out)
+    warning = capsys.readouterr().err
+    assert ".parts/book.pdf/pages.2-2.safetensors: unreadable" in warning and "encoded again" in warning
+    assert result.ok and result.pages_skipped == 3 and result.pages_ok == 1  # page 2 only
+    got = stored(out)
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+    document = out / "book.pdf.safetensors"
+    document.write_bytes(document.read_bytes()[:-10])  # now the document file itself is cut short
+    result = run(out)
+    assert "book.pdf.safetensors: unreadable" in capsys.readouterr().err
+    assert result.ok and result.pages_skipped == 0 and result.pages_ok == 4
+    got = stored(out)
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_a_full_disk_while_resuming_stops_the_run_and_keeps_the_document(tmp_path, model, monkeypatch):
+    """Merging a killed run's part at the start of a resumed run fails for want of disk space: the run stops with that
+    error and nothing is removed (the document file used to be deleted, its pages all encoded again)."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 3)
+    out = tmp_path / "out"
+    encode([str(tmp_path / "in")], out, model, processor(), batch_size=2, workers=0, progress=False, pages="0-1")
+    before = (out / "book.pdf.safetensors").read_bytes()
+    _leftover_part(out, 2, torch.zeros(4, 5), {"page": 2, "status": "ok"})
+    write_safetensors = writer.write_safetensors
+
+    def full_disk(folder, relative, *args):
+        if relative == "book.pdf.safetensors":
+            raise OSError(28, "No space left on device")
+        return write_safetensors(folder, relative, *args)
+
+    monkeypatch.setattr(writer, "write_safetensors", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        encode([str(tmp_path / "in")], out, model, processor(), batch_size=2, workers=0, progress=False)
+    assert (out / "book.pdf.safetensors").read_bytes() == before
+    assert (out / ".parts" / "book.pdf" / "pages.2-2.safetensors").exists()
 
 
 def test_device_decisions_of_the_cuda_path_without_cuda(monkeypatch):

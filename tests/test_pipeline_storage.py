@@ -177,3 +177,65 @@ def test_heartbeat_refreshes_the_lock(tmp_path):
         assert json.loads((tmp_path / LOCK).read_text())["heartbeat"] > first
     finally:
         lock.release()
+
+
+class _UploadStore(fsspec.AbstractFileSystem):
+    """An object store in miniature: a written object is published whole when its file closes (as S3's and GCS's
+    buffered uploads are), never while it is written."""
+
+    protocol = "uploadstore"
+    objects: dict = {}
+
+    def _open(self, path, mode="rb", block_size=None, autocommit=True, cache_options=None, **kwargs):
+        if "r" in mode:
+            return fsspec.implementations.memory.MemoryFile(None, path, self.objects[self._strip_protocol(path)])
+        return _Upload(self, path, mode, block_size=5 << 20, autocommit=autocommit)
+
+    def makedirs(self, path, exist_ok=False):
+        pass
+
+    def info(self, path, **kwargs):
+        path = self._strip_protocol(path)
+        if path not in self.objects:
+            raise FileNotFoundError(path)
+        return {"name": path, "size": len(self.objects[path]), "type": "file"}
+
+
+class _Upload(fsspec.spec.AbstractBufferedFile):
+    def _initiate_upload(self):
+        self.sent = b""
+
+    def _upload_chunk(self, final=False):
+        self.sent += self.buffer.getvalue()
+        if final:
+            self.fs.objects[self.fs._strip_protocol(self.path)] = self.sent
+        return True
+
+
+@pytest.mark.parametrize("url", ["memory://deepencoder-cut/out", "uploadstore://bucket/out"])
+def test_a_write_failing_midway_leaves_nothing_cut_short_on_an_object_store(url):
+    """A write to an fsspec folder that fails midway (a full disk, a dropped connection) publishes nothing: a buffered
+    upload keeps the object's previous content, a file system that writes in place (memory://) has the cut file
+    removed. A tensor read past a file's end is an error, not uninitialised memory."""
+    from deepencoder.pipeline import writer
+
+    fsspec.register_implementation("uploadstore", _UploadStore, clobber=True)
+    folder = writer.Folder(url)
+    pages = [(writer.page_key(i), torch.full((3, 4), float(i)), {"page": i}) for i in range(2)]
+    relative = writer.write_pages(folder, "doc.pdf", pages)
+    before = folder.read_bytes(relative)
+
+    def failing():
+        yield before[:100]
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        folder.write(relative, failing())
+    if url.startswith("memory"):
+        assert not folder.exists(relative)
+        folder.write(relative, before[:-8])  # cut short by something else
+        with pytest.raises(writer.UnreadableFile, match="cut short"):
+            writer.read_tensor(folder, relative, "page.1")
+    else:
+        assert folder.read_bytes(relative) == before
+        assert torch.equal(writer.read_tensor(folder, relative, "page.1"), torch.full((3, 4), 1.0))

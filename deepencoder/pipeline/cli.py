@@ -290,9 +290,11 @@ def run_ray(args: argparse.Namespace) -> int:
 
 
 def run_encode(args: argparse.Namespace) -> int:
-    for flag, value in (("--views-per-call", args.views_per_call), ("--threads", args.threads)):
-        if value is not None and value < 1:
-            print(f"error: {flag} must be at least 1, got {value}", file=sys.stderr)
+    for flag, value, least in (("--views-per-call", args.views_per_call, 1), ("--threads", args.threads, 1),
+                               ("--batch-size", args.batch_size, 1), ("--prefetch", args.prefetch, 1),
+                               ("--workers", args.workers, 0)):  # fmt: skip
+        if value is not None and value < least:
+            print(f"error: {flag} must be at least {least}, got {value}", file=sys.stderr)
             return 2
     if args.engine == "ray":
         local = [flag for flag, value in (("--compile", args.compile), ("--views-per-call", args.views_per_call),
@@ -312,8 +314,15 @@ def run_encode(args: argparse.Namespace) -> int:
     import torch
 
     from .runner import DeviceFailed, encode, tower_name
+    from .sources import parse_page_ranges
     from .weights import WeightsError, load_model
-    from .writer import OutputLocked
+    from .writer import OutputLocked, UnreadableFile
+
+    try:  # before the tower loads and the output folder is locked
+        parse_page_ranges(args.pages)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     rank, world_size, local_rank = _init_distributed()
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if rank == 0 else (lambda *a, **k: None)
@@ -356,6 +365,10 @@ def run_encode(args: argparse.Namespace) -> int:
             return 2
         except DeviceFailed as error:
             print(f"error: {error}", file=sys.stderr)
+            return 3
+        except (OSError, UnreadableFile) as error:  # writing the output failed (a full disk, a lost connection)
+            print(f"error: writing the output failed ({error}); the run stopped, every page written so far is "
+                  "kept: run the same command again to resume", file=sys.stderr)  # fmt: skip
             return 3
         say(result.summary())
         if args.weights == RANDOM:

@@ -265,17 +265,13 @@ class PageWork:
     def start_document(self, folder: writer.Folder, document: Document) -> DocStart:
         """Merge parts a killed run left, read the rows stored with pages already written, decide which remain."""
         final = document.output
-        keys: list[str] = []
-        try:
-            keys = writer.merge_document(folder, document.name)
-            metadata = writer.read_keys(folder, final)[1] if keys else {}
-        except Exception as error:  # a document file we cannot read is rebuilt from scratch
-            metadata = {}
-            print(
-                f"warning: {folder.display(final)}: unreadable ({error}); its pages are encoded again", file=sys.stderr
-            )
-            keys = []
-            folder.remove(final)
+
+        def unreadable(error: writer.UnreadableFile) -> None:  # removed by the merge: its pages are encoded again
+            print(f"warning: {error}; its pages are encoded again", file=sys.stderr)
+
+        # an I/O error here (a full disk, a network failure) stops the run and changes nothing: a rerun resumes
+        keys = writer.merge_document(folder, document.name, on_unreadable=unreadable)
+        metadata = writer.read_keys(folder, final)[1] if keys else {}
         done_rows = [json.loads(metadata[key]) for key in keys if key in metadata]
         try:
             count = count_pages(document)

@@ -31,7 +31,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -98,6 +98,9 @@ class Folder:
     # ---------------------------------------------------------------- reading
     def exists(self, relative: str) -> bool:
         return self.local_path(relative).exists() if self.local else self.fs.exists(self.path(relative))
+
+    def size(self, relative: str) -> int:
+        return self.local_path(relative).stat().st_size if self.local else int(self.fs.size(self.path(relative)))
 
     def read_bytes(self, relative: str) -> bytes:
         return self.local_path(relative).read_bytes() if self.local else self.fs.cat_file(self.path(relative))
@@ -174,9 +177,14 @@ class Folder:
         if not self.local:
             parent = self.path(relative).rsplit("/", 1)[0]
             self.fs.makedirs(parent, exist_ok=True)
-            with self.fs.open(self.path(relative), "wb") as handle:
+            handle = self.fs.open(self.path(relative), "wb")
+            try:
                 for chunk in chunks:
                     handle.write(chunk)  # no `FileRange` here: `file_range` gives one for local folders only
+            except BaseException:
+                self._abandon(handle, relative)
+                raise
+            handle.close()
             return
         path = self.local_path(relative)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +204,25 @@ class Folder:
             if tmp.exists():
                 tmp.unlink()
         _fsync_dir(path.parent)
+
+    def _abandon(self, handle, relative: str) -> None:
+        """A write to an fsspec file system that failed midway: nothing cut short may stay under the final name.
+        A buffered object-store file (S3, GCS, Azure: published on close) is discarded (a multipart upload aborted)
+        and never closed, so the object keeps its previous content; a file system that writes in place (memory, SFTP)
+        has its cut file removed."""
+        if isinstance(handle, fsspec.spec.AbstractBufferedFile):
+            try:
+                handle.discard()
+            finally:
+                handle.closed = True  # `close` (or the garbage collector's) would publish what was written
+            return
+        try:
+            handle.close()
+        finally:
+            try:
+                self.fs.rm(self.path(relative))
+            except FileNotFoundError:
+                pass
 
 
 class FileRange(NamedTuple):
@@ -329,24 +356,44 @@ def read_tensor(folder: Folder, relative: str, key: str, header: dict[str, Any] 
     entry = header[key]
     start, end = entry["data_offsets"]
     data = folder.read_range(relative, 8 + length + start, 8 + length + end)
+    if len(data) != end - start:
+        raise UnreadableFile(folder, relative, f"tensor {key} has {len(data)} of its {end - start} bytes (cut short)")
     dtype = _CODE_DTYPES[entry["dtype"]]
     if not data:
         return torch.empty(entry["shape"], dtype=dtype)
     return torch.frombuffer(bytearray(data), dtype=dtype).reshape(entry["shape"])
 
 
+class UnreadableFile(ValueError):
+    """A safetensors file of the output folder that is not what this module writes: its header cut short or not JSON,
+    or its tensors' bytes past the end of the file (a disk that filled up under another tool, a copy cut short)."""
+
+    def __init__(self, folder: Folder, relative: str, reason: str) -> None:
+        super().__init__(f"{folder.display(relative)}: unreadable ({reason})")
+        self.relative = relative
+
+
 def _sources(folder: Folder, relative: str) -> tuple[list[tuple[str, tuple]], dict[str, str]]:
     """`(key, (dtype, shape, loader))` of a safetensors file and its metadata, from one read of its header; the
-    loaders give each tensor's bytes as stored (a merge copies bytes: no tensor is rebuilt)."""
-    (length,) = struct.unpack("<Q", folder.read_range(relative, 0, 8))
-    header = json.loads(folder.read_range(relative, 8, 8 + length))
-    metadata = header.pop("__metadata__", None) or {}
-    sources = []
-    for key, entry in header.items():
-        start, end = (8 + length + offset for offset in entry["data_offsets"])
-        loader = lambda f=folder, r=relative, a=start, b=end: f.file_range(r, a, b)  # noqa: E731
-        sources.append((key, (_CODE_DTYPES[entry["dtype"]], tuple(entry["shape"]), loader)))
-    return sources, dict(metadata)
+    loaders give each tensor's bytes as stored (a merge copies bytes: no tensor is rebuilt). Raises `UnreadableFile`
+    when the header does not parse or a tensor's bytes lie past the file's end."""
+    size = folder.size(relative)
+    try:
+        (length,) = struct.unpack("<Q", folder.read_range(relative, 0, 8))
+        if 8 + length > size:
+            raise ValueError(f"a header of {length} bytes in a file of {size}")
+        header = json.loads(folder.read_range(relative, 8, 8 + length))
+        metadata = header.pop("__metadata__", None) or {}
+        sources = []
+        for key, entry in header.items():
+            start, end = (8 + length + offset for offset in entry["data_offsets"])
+            if not 8 + length <= start <= end <= size:
+                raise ValueError(f"tensor {key} at bytes {start}-{end} of a file of {size}")
+            loader = lambda f=folder, r=relative, a=start, b=end: f.file_range(r, a, b)  # noqa: E731
+            sources.append((key, (_CODE_DTYPES[entry["dtype"]], tuple(entry["shape"]), loader)))
+        return sources, {str(k): str(v) for k, v in metadata.items()}
+    except (struct.error, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UnreadableFile(folder, relative, f"{type(error).__name__}: {error}") from error
 
 
 def page_key(index: int) -> str:
@@ -383,25 +430,43 @@ def write_pages(folder: Folder, document_name: str, pages: list[tuple[str, torch
     return relative
 
 
-def merge_document(folder: Folder, document_name: str) -> list[str]:
+def merge_document(
+    folder: Folder, document_name: str, on_unreadable: Callable[[UnreadableFile], None] | None = None
+) -> list[str]:
     """Fold the parts of a document into `<document>.safetensors` (previous content kept, a part replaces a page of
-    the same key), atomically, then delete the parts. Returns the keys now in the document file."""
+    the same key), atomically, then delete the parts. Returns the keys now in the document file.
+
+    An unreadable document file or part (`UnreadableFile`) raises, or with `on_unreadable` (a resumed run) is told
+    to it and removed: the merge goes on with the others, and the pages it held are not among the keys returned
+    (encoded again). Any other error (a full disk, a network failure) raises and changes nothing."""
     parts_dir = _parts_dir(document_name)
     final = document_file(document_name)
     parts = [f"{parts_dir}/{name}" for name in folder.list(parts_dir, ".safetensors") if not is_temp_name(name)]
-    if not parts:
-        return read_keys(folder, final)[0] if folder.exists(final) else []
     entries: dict[str, tuple] = {}
     metadata: dict[str, str] = {}
+    unreadable: list[str] = []
     for relative in ([final] if folder.exists(final) else []) + parts:
-        sources, stored = _sources(folder, relative)
+        try:
+            sources, stored = _sources(folder, relative)
+        except UnreadableFile as error:
+            if on_unreadable is None:
+                raise
+            on_unreadable(error)
+            unreadable.append(relative)
+            continue
         entries.update(sources)
         metadata.update(stored)
+    merged = [relative for relative in parts if relative not in unreadable]
     ordered = sorted(entries.items(), key=lambda item: key_index(item[0]))
-    write_safetensors(folder, final, ordered, {k: v for k, v in metadata.items() if k in entries})
-    for part in parts:
+    if merged:
+        write_safetensors(folder, final, ordered, {k: v for k, v in metadata.items() if k in entries})
+    for relative in unreadable:  # after the write (a failed one leaves everything as it was), which replaced `final`
+        if relative != final or not merged:
+            folder.remove(relative)
+    for part in merged:
         folder.remove(part)
-    folder.remove_dir(parts_dir)
+    if parts:
+        folder.remove_dir(parts_dir)
     return [key for key, _ in ordered]
 
 
