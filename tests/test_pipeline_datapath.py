@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -302,6 +303,42 @@ def test_page_that_kills_its_worker_twice_is_reported(tmp_path, model, monkeypat
     error = next(row["error"] for row in rows if row["status"] == "error")
     assert "page worker died" in error and "twice" in error
     assert set(stored(tmp_path / "out")) == {("book.pdf", 0), ("book.pdf", 2)}
+
+
+class HangingWork(PageWork):
+    """Page preparation that never returns on page 1 of every document in a worker process (a decoder stuck in a
+    loop)."""
+
+    main_pid = os.getpid()
+
+    def prepare(self, reader, document, index):
+        if index == 1 and os.getpid() != self.main_pid:
+            time.sleep(3600)
+        return super().prepare(reader, document, index)
+
+
+def test_a_page_that_hangs_its_worker_gets_an_error_row_after_the_page_timeout(tmp_path, model, monkeypatch, capsys):
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 4)
+    monkeypatch.setattr(runner, "PageWork", HangingWork)
+    result = guarded(lambda: encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=2,
+                                    workers=2, page_timeout=1.5, progress=False), timeout=120)  # fmt: skip
+    rows = read_rows(tmp_path / "out" / "manifest.jsonl")
+    assert {row["page"]: row["status"] for row in rows} == {0: "ok", 1: "error", 2: "ok", 3: "ok"}
+    assert result.pages_error == 1 and "longer than 1.5 s" in next(r["error"] for r in rows if r["page"] == 1)
+    assert "no page after 1.5 s, its worker stopped" in capsys.readouterr().err
+
+
+def test_time_the_run_spends_elsewhere_does_not_count_against_a_page(tmp_path, model, monkeypatch):
+    """The page timeout counts only the time the run waits for a worker: a forward slower than the timeout (the
+    workers' pages ready long before the run reads them) times nothing out."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 4)
+    launch = PageWork.launch
+    monkeypatch.setattr(PageWork, "launch", lambda self, *a: time.sleep(1.5) or launch(self, *a))
+    result = guarded(lambda: encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=1,
+                                    workers=1, page_timeout=1.0, progress=False), timeout=120)  # fmt: skip
+    assert result.ok and result.pages_ok == 4
 
 
 def test_spawned_workers_give_the_same_outputs(tmp_path, model):

@@ -97,6 +97,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="pages handed to the workers ahead of the model (default 2*batch, at most 8 a worker)",
     )
     parser.add_argument(
+        "--page-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a page worker may take on one page before it is stopped and the page gets an error row "
+        "(default 300; 0: no limit)",
+    )
+    parser.add_argument(
         "--pages", help="0-based page ranges of multi-page documents, e.g. 0-2,5,9- (single images are always encoded)"
     )
     parser.add_argument("--dpi", type=float, help="PDF render DPI (default: the page's long side fitted to the mode)")
@@ -199,6 +206,7 @@ def _options(args: argparse.Namespace) -> EncodeOptions:
         batch_size=args.batch_size,
         workers=args.workers,
         prefetch=args.prefetch,
+        page_timeout=args.page_timeout,
         pages=args.pages,
         dpi=args.dpi,
         max_aspect=args.max_aspect,
@@ -292,7 +300,8 @@ def run_ray(args: argparse.Namespace) -> int:
 def run_encode(args: argparse.Namespace) -> int:
     for flag, value, least in (("--views-per-call", args.views_per_call, 1), ("--threads", args.threads, 1),
                                ("--batch-size", args.batch_size, 1), ("--prefetch", args.prefetch, 1),
-                               ("--workers", args.workers, 0)):  # fmt: skip
+                               ("--workers", args.workers, 0),
+                               ("--page-timeout", args.page_timeout, 0)):  # fmt: skip
         if value is not None and value < least:
             print(f"error: {flag} must be at least {least}, got {value}", file=sys.stderr)
             return 2

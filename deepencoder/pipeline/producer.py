@@ -22,6 +22,7 @@ import multiprocessing.connection
 import os
 import pickle
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -214,6 +215,7 @@ class _Worker:
         self.process.start()
         child.close()
         self.tasks: deque[tuple[int, PageTask]] = deque()  # (key, task) sent, not yet answered, in the order sent
+        self.waited = 0.0  # seconds the encode process has waited on this worker's current page
 
     def stop(self) -> None:
         try:
@@ -234,16 +236,21 @@ class PageProducer:
 
     `run(items, failure)` yields `(item, result)` in the order of `items`: for a `PageTask` the prepared page, for
     anything else the item itself (markers such as a document's start travel in order with the pages).
-    `failure(task, message)` builds the result of a page whose worker died on it twice. Use as a context manager
-    (workers stop on exit)."""
+    `failure(task, message)` builds the result of a page whose worker died on it twice, or that took longer than
+    `page_timeout` seconds of the encode process's waiting (its worker is then killed and replaced: a page that hangs
+    its decoder never stalls the run; time the encode process spends elsewhere, e.g. in a slow forward, does not
+    count). Use as a context manager (workers stop on exit)."""
 
-    def __init__(self, work, workers: int, depth: int = 2, method: str = "auto") -> None:
+    def __init__(
+        self, work, workers: int, depth: int = 2, method: str = "auto", page_timeout: float | None = None
+    ) -> None:
         self.method = start_method(method)
         self.context = multiprocessing.get_context(self.method)
         if self.method == "forkserver":  # the workers' modules imported once, by the server (if it is not running)
             preload_worker_modules((*WORKER_MODULES, type(work).__module__))
         self.work_blob = pickle.dumps(work, protocol=pickle.HIGHEST_PROTOCOL)
         self.depth = max(1, min(depth, MAX_TASKS_AHEAD))
+        self.page_timeout = page_timeout or None
         self._started = 0
         self.crashes: list[str] = []  # what happened, for the run's summary / warnings
         self.workers = [self._start() for _ in range(max(1, workers))]
@@ -303,19 +310,28 @@ class PageProducer:
             busy = [w for w in self.workers if w.tasks]
             if not busy:
                 continue
-            ready = multiprocessing.connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy])
+            limit = None if self.page_timeout is None else max(0.0, self.page_timeout - max(w.waited for w in busy))
+            start = time.monotonic()
+            ready = multiprocessing.connection.wait([w.conn for w in busy] + [w.process.sentinel for w in busy], limit)
+            waited = time.monotonic() - start
             for worker in busy:
+                worker.waited += waited
                 if worker.conn in ready:
                     try:
                         while worker.conn.poll():
                             key, result = _receive_result(worker.conn)
                             worker.tasks.popleft()
+                            worker.waited = 0.0  # its next page starts now
                             done[key] = result
                     except (EOFError, OSError):
                         pass  # died mid-answer: handled below with its sentinel
                 if worker.process.sentinel in ready or not worker.process.is_alive():
                     worker.process.join()
                     self._replace(worker, retry, suspects, done, failure)
+                elif self.page_timeout is not None and worker.tasks and worker.waited >= self.page_timeout:
+                    worker.process.kill()
+                    worker.process.join()
+                    self._replace(worker, retry, suspects, done, failure, timed_out=True)
 
     def _send(self, worker: _Worker, message: tuple[int, PageTask]) -> None:
         worker.tasks.append(message)
@@ -324,7 +340,9 @@ class PageProducer:
         except (OSError, ValueError):
             pass  # a dead worker: its sentinel is ready, its tasks are retried
 
-    def _replace(self, worker: _Worker, retry: deque, suspects: dict, done: dict, failure) -> None:
+    def _replace(
+        self, worker: _Worker, retry: deque, suspects: dict, done: dict, failure, timed_out: bool = False
+    ) -> None:
         code = worker.process.exitcode
         held = list(worker.tasks)
         worker.tasks.clear()
@@ -333,6 +351,13 @@ class PageProducer:
         if not held:
             return
         (key, head), rest = held[0], held[1:]
+        if timed_out:  # not asked again: a page that hangs its decoder hangs it the next time too
+            what = f"{head.document.source} page {head.index}"
+            done[key] = failure(head, f"page took longer than {self.page_timeout:g} s to prepare; its worker was "
+                                      "stopped (--page-timeout)")  # fmt: skip
+            self.crashes.append(f"{what}: no page after {self.page_timeout:g} s, its worker stopped")
+            retry.extend(rest)
+            return
         suspects[key] = suspects.get(key, 0) + 1
         what = f"page worker died (exit code {code}) while preparing {head.document.source} page {head.index}"
         if suspects[key] >= 2:

@@ -290,7 +290,7 @@ def encode_dataset(
         with `config` / `seed`), or a picklable callable returning a tower; every actor loads it once.
     hub: `from_pretrained`'s hub arguments for a `weights` hub id (`load_model`'s).
     processor: a DeepEncoderImageProcessor or a mode name. options / option_overrides: `EncodeOptions` fields
-        (`batch_size` is the tower batch; `workers` and `prefetch` are the local runner's and unused here).
+        (`batch_size` is the tower batch; `workers`, `prefetch` and `page_timeout` are the local runner's, unused here).
     device / compute_dtype: where and in which dtype each actor runs the tower (`auto`: its GPU if it has one).
     num_gpus_per_worker, num_cpus_per_worker: resources of each tower actor (GPUs: None = 1 if the cluster has
         GPUs, else 0); concurrency: actors in the pool, or (min, max) to autoscale.

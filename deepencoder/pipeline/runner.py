@@ -52,6 +52,9 @@ class EncodeOptions:
     batch_size: pages per forward; all their global views run as one batch, all their tiles as another.
     workers: processes decoding / rendering / preprocessing pages (`producer`; 0: a thread of this process);
         prefetch: pages handed to the workers ahead of the model (default 2 * batch_size; at most 8 a worker).
+    page_timeout: seconds a page worker may take on one page (while the run waits for it) before it is killed and
+        replaced, the page given an error row: a file that hangs its decoder never stalls the run (None or 0: no
+        limit; with `workers=0` pages are prepared in this process and have none).
     worker_start: how worker processes start: auto (fork on Linux before any CUDA context, else forkserver /
         spawn), fork, forkserver, spawn.
     threads: intra-op threads of the forward on the CPU during the run, the previous setting restored afterwards
@@ -73,6 +76,7 @@ class EncodeOptions:
     batch_size: int = 8
     workers: int = 2
     prefetch: int | None = None
+    page_timeout: float | None = 300.0
     worker_start: str = "auto"
     threads: int | None = None
     pages: str | None = None
@@ -781,7 +785,9 @@ class _Encoder:
                     items.put(task)
                 return
             depth = max(1, (self.options.prefetch or 2 * self.options.batch_size) // self.options.workers)
-            producer = PageProducer(self.work, self.options.workers, depth, self.options.worker_start)
+            producer = PageProducer(
+                self.work, self.options.workers, depth, self.options.worker_start, self.options.page_timeout
+            )
             failure = lambda task, message: PageFailure(task.document, task.index, message, 0.0)  # noqa: E731
             for _, result in producer.run(tasks(), failure):
                 if stop.is_set():
