@@ -6,6 +6,7 @@ Pixels are exactly those of the PIL calls DeepSeek-OCR makes (resize / `ImageOps
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -115,6 +116,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+@functools.lru_cache(maxsize=32)
+def _normalization_constants(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """255, the mean and the std as float32 tensors on `device`, made once per device: a tensor made from Python
+    numbers on CUDA is a copy from pageable memory, which waits for all the work queued on the stream (it would
+    hold each batch's upload back until the forward before it is done). Ordinary tensors (not inference tensors),
+    whatever mode the first call ran in, and never written to."""
+    with torch.inference_mode(False), torch.no_grad():
+        scale = torch.full((), 255.0, device=device)
+        return scale, torch.tensor(mean, device=device).view(-1, 1, 1), torch.tensor(std, device=device).view(-1, 1, 1)
 
 
 def image_to_uint8(image: Image.Image) -> torch.Tensor:
@@ -333,11 +347,12 @@ class DeepEncoderImageProcessor(BaseImageProcessor):
         the copy to the device. Every divisor is a tensor: a Python-number divisor lets CUDA multiply by its
         reciprocal instead, one rounding away from the CPU's division."""
         device = pixels.device
+        scale, mean, std = _normalization_constants(tuple(self.image_mean), tuple(self.image_std), device)
         work = out if out is not None and out.dtype == torch.float32 else torch.empty(pixels.shape, device=device)
         work.copy_(pixels)  # in place from here: one buffer, not one per operation
-        work.div_(torch.full((), 255.0, device=device))
-        work.sub_(torch.tensor(self.image_mean, device=device).view(3, 1, 1))
-        work.div_(torch.tensor(self.image_std, device=device).view(3, 1, 1))
+        work.div_(scale)
+        work.sub_(mean)
+        work.div_(std)
         if out is not None:
             return out if out is work else out.copy_(work)
         return work if dtype is None or dtype == work.dtype else work.to(dtype)

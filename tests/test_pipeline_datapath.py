@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import subprocess
+import sys
 import threading
 import time
+import weakref
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 from helpers import random_model
-from pipeline_support import make_documents, make_pdf, processor, text_page
+from pipeline_support import REPO, make_documents, make_pdf, processor, text_page, tiny_weights
 from safetensors.torch import load_file
 
 from deepencoder import DeepEncoderImageProcessor
@@ -355,6 +358,35 @@ def test_spawned_workers_give_the_same_outputs(tmp_path, model):
     )
 
 
+STDIN_SCRIPT = """
+import sys
+from deepencoder import DeepEncoderModel
+from deepencoder.pipeline import encode, prestart_workers
+from pipeline_support import processor
+
+folder, method = sys.argv[1], sys.argv[2]
+prestart_workers("cpu", 1, method)
+model = DeepEncoderModel.from_pretrained(folder + "/tiny").eval()
+result = encode([folder + "/in"], folder + "/out-" + method, model, processor(), batch_size=2, workers=1,
+                worker_start=method, progress=False)
+print(result.pages_ok, result.pages_error)
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_workers_start_from_a_script_read_from_stdin(tmp_path, method):
+    """`python - <<EOF` (`__main__.__file__` is "<stdin>"): spawn and forkserver workers used to run that missing
+    file first and die, every page an error row; they now start without it and every page is encoded."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 3)
+    tiny_weights(tmp_path / "tiny")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-", str(tmp_path), method], input=STDIN_SCRIPT, env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["3", "0"], run.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------- device faults
 class FailingTower(torch.nn.Module):
     """The tiny tower, failing as `fail(call, pixel_values)` says (an exception to raise, or None)."""
@@ -383,6 +415,46 @@ def test_out_of_memory_halves_the_batch(tmp_path, model, capsys):
     encode([str(tmp_path / "in")], tmp_path / "plain", model, processor(), batch_size=2, workers=0, progress=False)
     expected, got = stored(tmp_path / "plain"), stored(tmp_path / "out")  # halves: (0, 1), (2, 3), then (4)
     assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+class HoardingTower(torch.nn.Module):
+    """The tiny tower, whose forward makes an "activation" (a local, as a real forward's intermediates are) and runs
+    out of memory on more than `fits` views and, with `fail_first`, on its first call; notes, at each call and each
+    freeing of the device cache, which of the failed calls' activations are still alive."""
+
+    def __init__(self, model, fits: int, fail_first: bool = False) -> None:
+        super().__init__()
+        self.model, self.config, self.fits, self.fail_first = model, model.config, fits, fail_first
+        self.failed: list = []  # weak references to the activations of the calls that ran out of memory
+        self.alive: list[list[bool]] = []
+
+    def note(self) -> None:
+        self.alive.append([ref() is not None for ref in self.failed])
+
+    def forward(self, **kwargs):
+        self.note()
+        activation = torch.ones(1000)
+        if len(kwargs["pixel_values"]) > self.fits or (self.fail_first and len(self.alive) == 1):
+            self.failed.append(weakref.ref(activation))
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return self.model(**kwargs)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_out_of_memory_frees_the_failed_forward_before_retrying(tmp_path, model, monkeypatch, warmup):
+    """The failed forward's tensors are gone by the time the device cache is freed and the halves run: the retries
+    no longer happen inside the `except` block, whose traceback held the failed forward's frames (on a GPU, its
+    activations stayed allocated through every half-size retry, which could run out of memory in turn)."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 4)
+    tower = HoardingTower(model, fits=4 if warmup else 1, fail_first=warmup)  # warm-up: it fails, the pages fit
+    freeing = runner.free_device_cache
+    monkeypatch.setattr(runner, "free_device_cache", lambda m: tower.note() or freeing(m))
+    result = encode([str(tmp_path / "in")], tmp_path / "out", tower, processor(), batch_size=4, workers=0,
+                    warmup=warmup, progress=False)  # fmt: skip
+    assert result.ok and result.pages_ok == 4 and tower.failed
+    assert len(tower.alive) > len(tower.failed) + 1
+    assert not any(any(alive) for alive in tower.alive)
 
 
 def test_out_of_memory_lowers_a_compiled_towers_views_per_call(tmp_path, model, capsys):
@@ -627,9 +699,9 @@ def test_one_part_file_per_batch_and_document(tmp_path, model, monkeypatch):
     write_pages = writer.write_pages
     monkeypatch.setattr(writer, "write_pages", lambda *a: written.append(write_pages(*a)))
     merged = []
-    merge_document = writer.merge_document
+    merge = writer.merge_document_rows  # what `merge_document` calls too
     monkeypatch.setattr(
-        writer, "merge_document", lambda f, name, **kw: merged.append(name) or merge_document(f, name, **kw)
+        writer, "merge_document_rows", lambda f, name, *a, **kw: merged.append(name) or merge(f, name, *a, **kw)
     )
     result = encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=4, workers=0,
                     progress=False)  # fmt: skip
@@ -672,6 +744,26 @@ def test_merge_copies_stored_bytes_file_to_file(tmp_path, monkeypatch, kernel_co
     metadata = writer.read_keys(folder, "doc.pdf.safetensors")[1]
     assert {key: json.loads(row)["n"] for key, row in metadata.items()} == {writer.page_key(i): 5 + i for i in range(4)}
     assert not any(p.is_file() for p in (tmp_path / "out" / ".parts").rglob("*"))
+
+
+def test_resume_reads_each_document_header_once(tmp_path, model, monkeypatch):
+    """A rerun over finished documents learns their done pages from the one header read its merge makes (it read the
+    header twice: once merging, once more for the rows), skips every page, and reads no tensor bytes."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 3)
+    make_pdf(tmp_path / "in" / "memo.pdf", 2, size=(400, 250))
+    run = lambda: encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=4,  # noqa: E731
+                         workers=0, progress=False)  # fmt: skip
+    assert run().pages_ok == 5
+    reads = []
+    read_range = writer.Folder.read_range
+    monkeypatch.setattr(
+        writer.Folder, "read_range", lambda self, rel, a, b: reads.append((rel, a)) or read_range(self, rel, a, b)
+    )
+    again = run()
+    assert again.ok and again.pages_ok == 0 and again.pages_skipped == 5
+    assert Counter(rel for rel, start in reads if start == 0) == {"book.pdf.safetensors": 1, "memo.pdf.safetensors": 1}
+    assert len(reads) == 4  # each file: its header's length, then the header
 
 
 def _leftover_part(out, page: int, tensor: torch.Tensor, row: dict, cut: bool = False) -> None:
@@ -809,6 +901,33 @@ def test_the_asynchronous_copy_path_on_the_cpu(tmp_path, model, monkeypatch):
     with torch.inference_mode():
         expected = model(pixel_values=views, pixel_values_tiles=tiles, tile_grids=grids).image_embeds
     assert all(torch.equal(t, e) for t, e in zip(tokens, expected, strict=True))
+
+
+def test_normalize_makes_its_constants_once_per_device(monkeypatch):
+    """After its first call on a device, `normalize` makes no tensor from Python numbers (on CUDA each is a blocking
+    copy, which would hold every batch's upload back until the forward before it is done), and its values stay
+    `(x / 255 - mean) / std`."""
+    processor = DeepEncoderImageProcessor(mode="base", image_mean=(0.25, 0.5, 0.75), image_std=(0.5, 0.25, 0.125))
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    processor.normalize(pixels)
+    forbidden = lambda *a, **k: pytest.fail("normalize made a tensor from Python numbers")  # noqa: E731
+    monkeypatch.setattr(torch, "tensor", forbidden)
+    monkeypatch.setattr(torch, "full", forbidden)
+    got = processor.normalize(pixels)
+    monkeypatch.undo()
+    mean, std = torch.tensor([0.25, 0.5, 0.75]).view(3, 1, 1), torch.tensor([0.5, 0.25, 0.125]).view(3, 1, 1)
+    assert torch.equal(got, (pixels.float() / torch.tensor(255.0) - mean) / std)
+
+
+def test_page_work_pickles_without_its_device_copies(tmp_path, monkeypatch):
+    """A `PageWork` goes to the page workers without the loop's device copies (CUDA streams stay in their process)."""
+    monkeypatch.setattr(runner, "device_copies", lambda device: FakeCopies())
+    work, pages = prepared_pages(tmp_path, 1, batch_size=1)
+    work.upload(pages, torch.device("cpu"), torch.float32)
+    assert "_device_copies" in work.__dict__
+    copy = pickle.loads(pickle.dumps(work))
+    assert "_device_copies" not in copy.__dict__ and "_device_copies" in work.__dict__
+    assert copy.options == work.options
 
 
 PRESTART_SCRIPT = r"""

@@ -17,6 +17,7 @@ the tower loads (`prestart_workers`, as `deepencoder encode` does), its imports 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -86,8 +87,26 @@ def prestart_workers(device, workers: int = 1, method: str = "auto") -> str:
         from multiprocessing import forkserver
 
         preload_worker_modules()
-        forkserver.ensure_running()
+        with _no_missing_main_file():
+            forkserver.ensure_running()
     return chosen
+
+
+@contextlib.contextmanager
+def _no_missing_main_file() -> Iterator[None]:
+    """While workers (or the forkserver) start: a `__main__` whose `__file__` names no file (a script read from
+    stdin, `python - <<EOF`, has "<stdin>") is started without it. `spawn` and `forkserver` children run the parent's
+    main file first; a missing one killed every worker (all pages "worker died"). The workers need nothing of it."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if path is None or os.path.exists(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
 
 
 def _cuda_initialized() -> bool:
@@ -212,7 +231,8 @@ class _Worker:
         self.process = context.Process(
             target=_worker_main, args=(child, work_blob, inherited), name=f"deepencoder-page-{number}", daemon=True
         )
-        self.process.start()
+        with _no_missing_main_file():
+            self.process.start()
         child.close()
         self.tasks: deque[tuple[int, PageTask]] = deque()  # (key, task) sent, not yet answered, in the order sent
         self.waited = 0.0  # seconds the encode process has waited on this worker's current page

@@ -268,14 +268,12 @@ class PageWork:
 
     def start_document(self, folder: writer.Folder, document: Document) -> DocStart:
         """Merge parts a killed run left, read the rows stored with pages already written, decide which remain."""
-        final = document.output
 
         def unreadable(error: writer.UnreadableFile) -> None:  # removed by the merge: its pages are encoded again
             print(f"warning: {error}; its pages are encoded again", file=sys.stderr)
 
         # an I/O error here (a full disk, a network failure) stops the run and changes nothing: a rerun resumes
-        keys = writer.merge_document(folder, document.name, on_unreadable=unreadable)
-        metadata = writer.read_keys(folder, final)[1] if keys else {}
+        keys, metadata = writer.merge_document_rows(folder, document.name, on_unreadable=unreadable)
         done_rows = [json.loads(metadata[key]) for key in keys if key in metadata]
         try:
             count = count_pages(document)
@@ -366,7 +364,9 @@ class PageWork:
         return copies[device]
 
     def __getstate__(self) -> dict:  # CUDA streams stay in their process
-        return {k: v for k, v in self.__dict__.items() if k != "_device_copies"}
+        state = self.__dict__.copy()  # one C-level copy: the loop may add `_device_copies` while a worker starts
+        state.pop("_device_copies", None)
+        return state
 
     def fetch(self, features: list[torch.Tensor]) -> Callable[[], list[torch.Tensor]]:
         """Per-page outputs on the device -> on the CPU in the stored dtype, with one copy for the whole batch.
@@ -418,13 +418,15 @@ class PageWork:
         size = (round(long_side * 8.5 / 11), long_side)
         plan, pixel_values, tiles = _views(processor, Image.new("RGB", size, "white"))
         page = PageInput(None, 0, plan, size, pixel_values, tiles, 0.0)
+        out_of_memory = False
         try:
             self.launch(model, [page] * self.batch_limit)()
         except Exception as error:  # noqa: BLE001 - the real batches decide what an error means
             if is_device_failure(error):
                 raise device_failed(error) from error
-            if is_out_of_memory(error):
-                free_device_cache(model)
+            out_of_memory = is_out_of_memory(error)
+        if out_of_memory:  # out of the `except`: its traceback no longer holds the failed forward's tensors
+            free_device_cache(model)
 
     def forward(self, model: torch.nn.Module, batch: list[PageInput]) -> list[torch.Tensor]:
         return self.launch(model, batch)()
@@ -444,7 +446,9 @@ class PageWork:
         def finish() -> list[tuple]:
             try:
                 features = pending()
-            except Exception:  # noqa: BLE001 - decided by encode_batch
+            except Exception:  # noqa: BLE001 - decided by encode_batch, out of the `except` (see there)
+                features = None
+            if features is None:
                 return self.encode_batch(model, batch)
             return self._results(batch, features, start)
 
@@ -464,22 +468,26 @@ class PageWork:
         except Exception as error:  # noqa: BLE001 - one bad batch must not stop the run
             if is_device_failure(error):
                 raise device_failed(error) from error
-            if is_out_of_memory(error):
-                free_device_cache(model)
-                if len(batch) > 1:
-                    half = (len(batch) + 1) // 2
-                    if half < self.batch_limit:
-                        self.batch_limit = half
-                        shrink_views_per_call(model, half)
-                        print(f"warning: out of memory on a batch of {len(batch)} pages; device cache freed, "
-                              f"batches are now of {half} pages", file=sys.stderr)  # fmt: skip
-                    return self.encode_batch(model, batch[:half]) + self.encode_batch(model, batch[half:])
+            failure: tuple[bool, str] | None = (is_out_of_memory(error), _error_text(error))
+        else:
+            return self._results(batch, features, start)
+        # retried only here, out of the `except`: the error's traceback holds the failed forward's frames, and with
+        # them its activations, until the block is left (the freed cache and the halves would not get that memory)
+        out_of_memory, message = failure
+        if out_of_memory:
+            free_device_cache(model)
             if len(batch) > 1:
-                return [result for item in batch for result in self.encode_batch(model, [item])]
-            item = batch[0]
-            return [(item, None, self.error_row(item.document, item.index, f"model failed: {_error_text(error)}",
-                                                item.seconds))]  # fmt: skip
-        return self._results(batch, features, start)
+                half = (len(batch) + 1) // 2
+                if half < self.batch_limit:
+                    self.batch_limit = half
+                    shrink_views_per_call(model, half)
+                    print(f"warning: out of memory on a batch of {len(batch)} pages; device cache freed, "
+                          f"batches are now of {half} pages", file=sys.stderr)  # fmt: skip
+                return self.encode_batch(model, batch[:half]) + self.encode_batch(model, batch[half:])
+        if len(batch) > 1:
+            return [result for item in batch for result in self.encode_batch(model, [item])]
+        item = batch[0]
+        return [(item, None, self.error_row(item.document, item.index, f"model failed: {message}", item.seconds))]
 
     def _results(self, batch: list[PageInput], features: list[torch.Tensor], start: float) -> list[tuple]:
         share = (time.perf_counter() - start) / len(batch)
@@ -535,7 +543,7 @@ class _CudaCopies:
     def to_host(self, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
         host = self.empty(tensor.shape, tensor.dtype)
         host.copy_(tensor, non_blocking=True)  # queued behind the forward on the current stream
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(blocking=True)  # the wait sleeps: the core goes to the page workers meanwhile
         done.record(torch.cuda.current_stream(tensor.device))
 
         def wait() -> torch.Tensor:
@@ -846,8 +854,9 @@ class _Encoder:
         if self.remaining[document.name] == 0:
             self._finish_document(document, out)
 
-    def _finish_document(self, document: Document, out: _Writer) -> None:
-        out.put("finish", document)
+    def _finish_document(self, document: Document, out: _Writer, merge: bool = True) -> None:
+        if merge:
+            out.put("finish", document)
         if self.reader is not None:
             self.reader.release(document)
 
@@ -927,8 +936,8 @@ class _Encoder:
                     self.remaining[item.document.name] = len(item.todo)
                     self.bar.total += len(item.todo)
                     self.bar.refresh()
-                    if not item.todo:
-                        self._finish_document(item.document, out)
+                    if not item.todo:  # its parts were merged as it started: nothing to fold in
+                        self._finish_document(item.document, out, merge=False)
                     continue
                 if isinstance(item, PageFailure):
                     out.put("error", self.work.error_row(item.document, item.index, item.error, item.seconds))

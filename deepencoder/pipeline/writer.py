@@ -439,6 +439,14 @@ def merge_document(
     An unreadable document file or part (`UnreadableFile`) raises, or with `on_unreadable` (a resumed run) is told
     to it and removed: the merge goes on with the others, and the pages it held are not among the keys returned
     (encoded again). Any other error (a full disk, a network failure) raises and changes nothing."""
+    return merge_document_rows(folder, document_name, on_unreadable)[0]
+
+
+def merge_document_rows(
+    folder: Folder, document_name: str, on_unreadable: Callable[[UnreadableFile], None] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """`merge_document`, also returning the metadata now stored with those keys (each page's row), read from the
+    headers the merge read anyway: a resumed run learns its done pages without reading the document file again."""
     parts_dir = _parts_dir(document_name)
     final = document_file(document_name)
     parts = [f"{parts_dir}/{name}" for name in folder.list(parts_dir, ".safetensors") if not is_temp_name(name)]
@@ -458,8 +466,9 @@ def merge_document(
         metadata.update(stored)
     merged = [relative for relative in parts if relative not in unreadable]
     ordered = sorted(entries.items(), key=lambda item: key_index(item[0]))
+    metadata = {key: value for key, value in metadata.items() if key in entries}
     if merged:
-        write_safetensors(folder, final, ordered, {k: v for k, v in metadata.items() if k in entries})
+        write_safetensors(folder, final, ordered, metadata)
     for relative in unreadable:  # after the write (a failed one leaves everything as it was), which replaced `final`
         if relative != final or not merged:
             folder.remove(relative)
@@ -467,7 +476,7 @@ def merge_document(
         folder.remove(part)
     if parts:
         folder.remove_dir(parts_dir)
-    return [key for key, _ in ordered]
+    return [key for key, _ in ordered], metadata
 
 
 def is_temp_name(name: str) -> bool:
