@@ -201,7 +201,6 @@ def plot(report: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from deepencoder import runtime
 
-    allocator = runtime.configure_allocator()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tower", default="near-free", help="near-free | real | a config.json")
     parser.add_argument("--modes", default="base,gundam")
@@ -215,6 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--command", action="store_true", help="also time `deepencoder encode` in a fresh process")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON and the plot")
     args = parser.parse_args(argv)
+    # the allocator `deepencoder encode` picks for the same device (a CUDA run: glibc tuned in place, no re-exec)
+    cuda = runtime.cuda_requested(args.device)
+    allocator = runtime.configure_allocator(prefer=("glibc-tuned",) if cuda else ("tcmalloc", "glibc-tuned"))
 
     from deepencoder.dtypes import parse_dtype
     from deepencoder.pipeline import load_model, prestart_workers
@@ -265,8 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
     name = f"pipeline-{device.type}-{Path(args.tower).stem if args.tower.endswith('.json') else args.tower}"
     name += f"-views{args.views_per_call}" if args.views_per_call else ""
     (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / f"{name}.png")
-    print(f"-> {args.out / name}.json, .png")
+    try:
+        plot(report, args.out / f"{name}.png")
+        print(f"-> {args.out / name}.json, .png")
+    except ImportError as error:  # a machine without matplotlib still gets the figures
+        print(f"-> {args.out / name}.json (no plot: {error})")
     return report
 
 

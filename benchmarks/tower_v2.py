@@ -5,9 +5,9 @@ view and a 768 px tile: seconds per view, ratio, and the outputs compared, on sh
     python -m benchmarks.tower_v2 --device cuda --dtype bf16   # batch 1 and 32, eager and compiled paths too
 
 One process, one allocator for every path (`deepencoder.runtime.configure_allocator`: tcmalloc when installed, set
-before anything is allocated; `DEEPENCODER_ALLOCATOR` overrides), the paths alternating view by view in every round
+before anything is allocated, glibc tuned on CUDA as `deepencoder encode` does; `DEEPENCODER_ALLOCATOR` overrides), the paths alternating view by view in every round
 after a warm-up of each, so a shared machine's drift slows all alike. The ratio uses each path's best round (median
-also printed). Results: benchmarks/results/tower-v2-<device>-<dtype>.json.
+also printed). Results: benchmarks/results/tower-v2-<device>-<dtype>.json (`--out` another folder).
 """
 
 from __future__ import annotations
@@ -131,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--batches", default=None, help="comma list of batch sizes (default 1; on CUDA 1,32)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the JSON")
     args = parser.parse_args(argv)
-    allocator = runtime.configure_allocator()
+    cuda_run = runtime.cuda_requested(args.device)  # as the CLI: a CUDA run keeps glibc (tuned), no re-exec
+    allocator = runtime.configure_allocator(prefer=("glibc-tuned",) if cuda_run else ("tcmalloc", "glibc-tuned"))
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -256,9 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     record["load_average_1min"] = load
     lines.append(f"load average at the end: {load:.1f} on {os.cpu_count()} CPUs")
     print("\n".join(lines))
-    RESULTS.mkdir(exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     name = f"tower-v2-{args.device.split(':')[0]}-{args.dtype}.json"
-    (RESULTS / name).write_text(json.dumps(record, indent=1) + "\n")
+    (args.out / name).write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
 
