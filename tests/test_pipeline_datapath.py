@@ -403,7 +403,11 @@ class FailingTower(torch.nn.Module):
         return self.model(**kwargs)
 
 
-def test_out_of_memory_halves_the_batch(tmp_path, model, capsys):
+@pytest.mark.parametrize("at_once", [True, False])
+def test_out_of_memory_halves_the_batch(tmp_path, model, monkeypatch, capsys, at_once):
+    """Out of memory on a batch of 4: halved, every page written equal to a batch-2 run's; `at_once=False` is an
+    accelerator's order (the failing batch's launch raises while the batch before it is still queued)."""
+    monkeypatch.setattr(PageWork, "runs_at_once", lambda self, device: at_once)
     (tmp_path / "in").mkdir()
     make_pdf(tmp_path / "in" / "book.pdf", 5)
     oom = lambda call, pixels: torch.OutOfMemoryError("CUDA out of memory.") if len(pixels) > 2 else None  # noqa: E731
@@ -901,6 +905,49 @@ def test_the_asynchronous_copy_path_on_the_cpu(tmp_path, model, monkeypatch):
     with torch.inference_mode():
         expected = model(pixel_values=views, pixel_values_tiles=tiles, tile_grids=grids).image_embeds
     assert all(torch.equal(t, e) for t, e in zip(tokens, expected, strict=True))
+
+
+class FailingCopyBack(FakeCopies):
+    """`FakeCopies` whose first copy back fails when it is waited for (as a CUDA error surfaces at the event's wait,
+    after the next batch was queued)."""
+
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def to_host(self, tensor):
+        wait = super().to_host(tensor)
+        if self.error is None:
+            return wait
+        error, self.error = self.error, None
+
+        def fail():
+            raise error
+
+        return fail
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory."), RuntimeError("copy failed")])
+def test_a_copy_back_failing_at_its_wait_is_run_again(tmp_path, model, monkeypatch, error):
+    """A batch whose results fail to come back (the error raised at the wait, after the loop queued the next batch)
+    goes through `encode_batch` again: every page is written, equal to a plain run's, none lost or doubled."""
+    fake = FailingCopyBack(error)
+    monkeypatch.setattr(runner, "device_copies", lambda device: fake)
+    monkeypatch.setattr(PageWork, "runs_at_once", lambda self, device: False)  # the accelerator's order
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 5)
+    result = encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), batch_size=4, workers=0,
+                    progress=False)  # fmt: skip
+    assert result.ok and result.pages_ok == 5 and fake.error is None
+    # copied back: pages 0-3 (failing at the wait), page 4 (queued meanwhile), then pages 0-3 again
+    tokens = [t.shape[0] for t in fake.down]
+    assert len(tokens) == 3 and tokens[0] == tokens[2] == 4 * tokens[1]
+    monkeypatch.undo()
+    encode([str(tmp_path / "in")], tmp_path / "plain", model, processor(), batch_size=4, workers=0, progress=False)
+    expected, got = stored(tmp_path / "plain"), stored(tmp_path / "out")
+    assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    rows = read_rows(tmp_path / "out" / "manifest.jsonl")
+    assert sorted(r["page"] for r in rows) == list(range(5)) and all(r["status"] == "ok" for r in rows)
 
 
 def test_normalize_makes_its_constants_once_per_device(monkeypatch):
