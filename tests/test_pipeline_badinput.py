@@ -6,11 +6,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from PIL import Image
-from pipeline_support import CLI_SIZE, ZOO_ERRORS, make_zoo, tiny_weights
+from pipeline_support import CLI_SIZE, ZOO_ERRORS, make_pdf, make_zoo, tiny_weights
 from safetensors.torch import load_file
 
 from deepencoder.cli import main
+from deepencoder.pipeline import weights
 from deepencoder.pipeline.writer import read_rows
 
 
@@ -68,3 +70,49 @@ def test_random_weights_are_announced(tmp_path, capsys):
                    "--out", str(tmp_path / "out"), *CLI_SIZE])  # fmt: skip
     err = capsys.readouterr().err
     assert status == 1 and "RANDOM weights" in err and "meaningless" in err
+
+
+BAD_FLAGS = [
+    (["--base-size", "100"], "base_size 100 must be a multiple of 64"),
+    (["--tile-size", "700"], "tile_size 700 must be a multiple of 64"),
+    (["--base-size", "0"], "--base-size must be at least 1"),
+    (["--dpi", "-50"], "--dpi must be positive"),
+    (["--dpi", "0"], "--dpi must be positive"),
+    (["--max-aspect", "0"], "--max-aspect must be at least 1"),
+    (["--max-image-pixels", "-5"], "--max-image-pixels must be at least 0"),
+    (["--pages", "5-2"], "selects no page"),
+    (["--device", "tpu"], "--device tpu: not a device name"),
+    (["--device", "cuda:99"], "--device cuda:99: this machine has"),  # no cuda device / 1 cuda device(s)
+    (["--out", "memory://x/out"], "memory://x/out: fsspec's memory:// lives inside this process"),
+]
+
+
+@pytest.mark.parametrize("flags, said", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flag_values_fail_in_one_line_before_the_tower_loads(tmp_path, capsys, monkeypatch, flags, said):
+    """Each gave a traceback after the tower had loaded (minutes for a real checkpoint), was taken as the default
+    (`--dpi 0`, `--base-size 0`), or made every page an error row (`--dpi -50`, `--max-aspect 0`)."""
+    monkeypatch.setattr(weights, "load_model", lambda *a, **k: pytest.fail("the tower loaded before the check"))
+    (tmp_path / "a.png").write_bytes(b"")
+    args = ["encode", str(tmp_path / "a.png"), "--weights", "random", "--out", str(tmp_path / "out"), "--workers", "0",
+            "--no-progress", *flags]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and said in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_inputs_giving_no_document_are_warned_about_and_no_part_folder_stays(tmp_path, capsys):
+    """A glob that matches nothing and an empty folder each get a warning (they passed silently: a typo in a script
+    lost a whole folder without a word); the run encodes the rest; no empty `.parts/` folder stays behind."""
+    weights_dir = tiny_weights(tmp_path / "tiny")
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    make_pdf(tmp_path / "in" / "sub" / "book.pdf", 2)
+    (tmp_path / "empty").mkdir()
+    pattern = str(tmp_path / "in" / "*.pfd")
+    out = tmp_path / "out"
+    status = main(["encode", str(tmp_path / "in"), pattern, str(tmp_path / "empty"), "--weights", str(weights_dir),
+                   "--out", str(out), *CLI_SIZE])  # fmt: skip
+    err = capsys.readouterr().err
+    assert status == 0 and "encoded 2 pages" in err
+    assert f"warning: {pattern}: no PDF or image found" in err and f"warning: {tmp_path / 'empty'}: no PDF" in err
+    assert (out / "sub" / "book.pdf.safetensors").is_file() and not (out / ".parts").exists()

@@ -122,6 +122,44 @@ def test_discovery(tmp_path):
         parse_page_ranges("one")
 
 
+def test_discovery_of_globs_links_lists_and_empty_inputs(tmp_path, capsys):
+    """A glob takes folders, PDFs and images (a page's OCR `.txt` beside it is not read as a list of paths), or the
+    files of the suffix it names itself; a folder is walked through links to folders, a link back up walked once;
+    a list file saved with a byte-order mark keeps its first entry; an input that gives no document is told to
+    `on_empty` (the CLI warns) instead of passing silently; a range ending before it starts is refused."""
+    make_documents(tmp_path / "a")
+    (tmp_path / "a" / "scan.page0.txt").write_text("Invoice 2024\nTotal: 12.00 EUR\n")
+    assert sorted(d.name for d in discover([str(tmp_path / "a" / "*")])) == sorted(
+        d.name for d in discover([tmp_path / "a"])
+    )
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "one.txt").write_text(f"{tmp_path / 'a' / 'book.pdf'}\n")
+    assert [d.name for d in discover([str(tmp_path / "lists" / "*.txt")])] == ["book.pdf"]  # asked for lists
+
+    make_documents(tmp_path / "elsewhere")
+    inside = [d.name for d in discover([tmp_path / "elsewhere"])]
+    (tmp_path / "top").mkdir()
+    make_pdf(tmp_path / "top" / "own.pdf", 1)
+    (tmp_path / "top" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere" / "loop").symlink_to(tmp_path / "top", target_is_directory=True)
+    names = sorted(d.name for d in discover([tmp_path / "top"]))
+    # own.pdf and linked/'s four documents; the link from there back to top/ walks nothing again
+    assert names == sorted(["own.pdf"] + [f"linked/{name}" for name in inside]) and len(inside) == 4
+
+    (tmp_path / "bom.txt").write_bytes("\ufeff".encode() + f"{tmp_path / 'a' / 'memo.pdf'}\n".encode())
+    assert [d.name for d in discover([tmp_path / "bom.txt"])] == ["memo.pdf"]
+
+    (tmp_path / "empty").mkdir()
+    told = []
+    found = discover([tmp_path / "a" / "book.pdf", str(tmp_path / "nothing" / "*.pdf"), tmp_path / "empty"],
+                     on_empty=told.append)  # fmt: skip
+    assert [d.name for d in found] == ["book.pdf"]
+    assert told == [str(tmp_path / "nothing" / "*.pdf"), str(tmp_path / "empty")]
+    assert parse_page_ranges("-3,7-") == [(0, 3), (7, None)]
+    with pytest.raises(ValueError, match="selects no page"):
+        parse_page_ranges("5-2")
+
+
 def test_hf_datasets_loader(tmp_path, model):
     datasets = pytest.importorskip("datasets", reason="the `datasets` loader is optional")
     make_documents(tmp_path / "in")

@@ -26,7 +26,7 @@ from pipeline_support import (
 from safetensors.torch import load_file
 
 from deepencoder import DeepEncoderModel
-from deepencoder.pipeline import EncodedPages, encode, load_manifest, runner
+from deepencoder.pipeline import EncodedPages, OutputMismatch, encode, load_manifest, runner
 from deepencoder.pipeline.ray import encode_dataset
 from deepencoder.pipeline.writer import LOCK, OutputLocked, read_rows
 
@@ -103,6 +103,10 @@ def test_killed_worker_loses_nothing_then_resume_writes_nothing(ray_session, dat
     again = encode_dataset([str(root / "docs")], out, str(weights), processor(), batch_size=3, progress=False)
     assert again.pages_ok == 0 and again.pages_skipped == 7 and again.ok
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(OutputMismatch, match=r"mode gundam \(this run: tiny\)"):  # another mode: refused, as locally
+        encode_dataset([str(root / "docs")], out, str(weights), "tiny", batch_size=3, progress=False)
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == {p: v for p, v in before.items() if p.name != ".lock"}
 
 
 def test_refused_while_another_run_holds_the_folder(ray_session, data, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 from collections import Counter
 
+import pytest
 import torch
 from pipeline_support import (
     CLI_SIZE,
@@ -14,14 +15,17 @@ from pipeline_support import (
     direct_outputs,
     gated_cli,
     make_documents,
+    make_pdf,
     processes_with,
+    processor,
     tiny_weights,
     wait_for,
 )
 from safetensors.torch import load_file
 
 from deepencoder import DeepEncoderModel
-from deepencoder.pipeline.writer import read_rows
+from deepencoder.pipeline import OutputMismatch, encode
+from deepencoder.pipeline.writer import Folder, read_rows, write_pages
 
 
 def test_kill_then_resume(tmp_path):
@@ -119,3 +123,49 @@ def test_clean_temp_files_removes_temp_files_only(tmp_path):
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
         "a.pdf.safetensors", "scan.tmp-2.pdf.safetensors"
     ]  # fmt: skip
+
+
+def _tree(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_run_with_other_settings_refuses_the_folder(tmp_path):
+    """A folder holding another mode's (or other features', dtype's, view sizes') pages is refused, exit 2, one error
+    line, nothing written: resuming into it skipped the pages found and mixed (903, 1280) gundam pages with (64, 128)
+    tiny pre-projector pages in one document file, and reported success."""
+    make_documents(tmp_path / "in")
+    weights = tiny_weights(tmp_path / "tiny")
+    out = tmp_path / "out"
+    args = [str(tmp_path / "in"), "--weights", str(weights), "--out", str(out), "--batch-size", "2"]
+    first = cli([*args, *CLI_SIZE])
+    assert first.returncode == 0, first.stderr
+    before = _tree(out)
+    other_mode = ["--mode", "tiny", "--no-progress"]
+    other_size = ["--mode", "gundam", "--base-size", "384", "--tile-size", "128", "--no-progress"]
+    for changed, said in ((other_mode, "mode gundam (this run: tiny)"), ([*CLI_SIZE, "--dtype", "bfloat16"],
+                          "dtype float32 (this run: bfloat16)"), ([*CLI_SIZE, "--features", "pre-projector"],
+                          "features projected (this run: pre-projector)"), (other_size, "this run's processor")):  # fmt: skip
+        run = cli([*args, *changed])
+        assert run.returncode == 2, (changed, run.stderr)
+        assert said in run.stderr and "holds pages encoded otherwise" in run.stderr, run.stderr
+        assert "Traceback" not in run.stderr
+        assert {k: v for k, v in _tree(out).items() if k != ".lock"} == before  # nothing written, nothing removed
+    again = cli([*args, *CLI_SIZE])  # the same settings resume as before
+    assert again.returncode == 0 and "7 pages already done" in again.stderr, again.stderr
+    (tmp_path / "more").mkdir()  # another document in another mode beside them: its own pages, nothing skipped
+    make_pdf(tmp_path / "more" / "new.pdf", 2)
+    more = cli([str(tmp_path / "more"), "--weights", str(weights), "--out", str(out), *other_mode])
+    assert more.returncode == 0 and "encoded 2 pages" in more.stderr, more.stderr
+
+
+def test_parts_left_by_a_run_with_other_settings_stop_the_run(tmp_path):
+    """Pages a killed run left only in its part files (no manifest rows yet) are checked when their document starts:
+    another mode's part stops the run with `OutputMismatch` instead of being taken as done."""
+    (tmp_path / "in").mkdir()
+    make_pdf(tmp_path / "in" / "book.pdf", 2)
+    row = {"document": "book.pdf", "page": 0, "status": "ok", "tokens": 64, "mode": "tiny", "features": "projected",
+           "dtype": "float32", "size": [300, 400], "output": "book.pdf.safetensors", "key": "page.0"}  # fmt: skip
+    write_pages(Folder(tmp_path / "out"), "book.pdf", [("page.0", torch.zeros(64, 80), row)])
+    model = DeepEncoderModel.from_pretrained(tiny_weights(tmp_path / "tiny")).eval()
+    with pytest.raises(OutputMismatch, match=r"book\.pdf page 0: mode tiny \(this run: gundam\)"):
+        encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), workers=0, progress=False)

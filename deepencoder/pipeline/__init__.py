@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .dataset import EncodedPages, load_manifest, manifest_generator, to_hf_dataset
     from .names import DEFAULT_WEIGHTS, FEATURES
     from .producer import prestart_workers
-    from .runner import DeviceFailed, EncodeOptions, EncodeResult, encode, shard, tower_name
+    from .runner import DeviceFailed, EncodeOptions, EncodeResult, OutputMismatch, encode, shard, tower_name
     from .sources import Document, PageError, RenderOptions, default_long_side, discover, parse_page_ranges
     from .weights import WeightsError, load_model
     from .writer import OutputLocked
@@ -35,6 +35,7 @@ _PUBLIC: dict[str, str] = {
     "EncodedPages": "dataset",
     "FEATURES": "names",
     "OutputLocked": "writer",
+    "OutputMismatch": "runner",
     "PageError": "sources",
     "RenderOptions": "sources",
     "WeightsError": "weights",
@@ -59,6 +60,7 @@ __all__ = [
     "EncodedPages",
     "FEATURES",
     "OutputLocked",
+    "OutputMismatch",
     "PageError",
     "RenderOptions",
     "WeightsError",

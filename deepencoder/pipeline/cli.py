@@ -104,7 +104,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(default 300; 0: no limit)",
     )
     parser.add_argument(
-        "--pages", help="0-based page ranges of multi-page documents, e.g. 0-2,5,9- (single images are always encoded)"
+        "--pages",
+        help="0-based page ranges of multi-page documents, e.g. 0-2,5,9- (9 to the end; -3: pages 0 to 3); single "
+        "images are always encoded",
     )
     parser.add_argument("--dpi", type=float, help="PDF render DPI (default: the page's long side fitted to the mode)")
     parser.add_argument(
@@ -188,11 +190,25 @@ def _init_distributed() -> tuple[int, int, int]:
 
 
 def _device(name: str, local_rank: int) -> torch.device:
+    """The run's device; ValueError naming the problem when `--device` is not a device this machine has."""
     import torch
 
-    if name != "auto":
-        return torch.device(name)
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name}: not a device name ({str(error).splitlines()[0]})") from None
+    if device.type == "cpu":
+        return device
+    backend = torch.backends.mps if device.type == "mps" else getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", None)
+    if available is not None and not available():
+        raise ValueError(f"--device {name}: this machine has no {device.type} device available (try --device cpu)")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise ValueError(f"--device {name}: this machine has {count()} {device.type} device(s)")
+    return device
 
 
 def _options(args: argparse.Namespace) -> EncodeOptions:
@@ -254,7 +270,7 @@ def run_ray(args: argparse.Namespace) -> int:
 
     say = lambda *a: print(*a, file=sys.stderr)  # noqa: E731
     try:
-        processor = _processor(args, _weights_are_v2(args))
+        processor = _checked_processor(args, _weights_are_v2(args))
     except ValueError as error:
         say(f"error: {error}")
         return 2
@@ -297,14 +313,39 @@ def run_ray(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def run_encode(args: argparse.Namespace) -> int:
+def _flag_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command's values, found before the tower loads and the folder is locked; None: fine."""
     for flag, value, least in (("--views-per-call", args.views_per_call, 1), ("--threads", args.threads, 1),
                                ("--batch-size", args.batch_size, 1), ("--prefetch", args.prefetch, 1),
-                               ("--workers", args.workers, 0),
-                               ("--page-timeout", args.page_timeout, 0)):  # fmt: skip
+                               ("--workers", args.workers, 0), ("--page-timeout", args.page_timeout, 0),
+                               ("--base-size", args.base_size, 1), ("--tile-size", args.tile_size, 0),
+                               ("--max-image-pixels", args.max_image_pixels, 0),
+                               ("--max-aspect", args.max_aspect, 1)):  # fmt: skip
         if value is not None and value < least:
-            print(f"error: {flag} must be at least {least}, got {value}", file=sys.stderr)
-            return 2
+            return f"{flag} must be at least {least}, got {value}"
+    if args.dpi is not None and not args.dpi > 0:
+        return f"--dpi must be positive, got {args.dpi}"
+    for location in (args.out, *args.inputs):
+        if str(location).startswith("memory://"):
+            return (f"{location}: fsspec's memory:// lives inside this process and is gone when the command exits; "
+                    "use a folder, file://, or an object store URL")  # fmt: skip
+    return None
+
+
+def _checked_processor(args: argparse.Namespace, v2: bool) -> DeepEncoderImageProcessor:
+    """`_processor`, its view sizes checked (multiples of the tower's 64-pixel patch grid) by planning a page:
+    ValueError before the tower loads, not a traceback from the first page after it."""
+    processor = _processor(args, v2)
+    if args.mode != AUTO:
+        processor.plan(850, 1100)
+    return processor
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    problem = _flag_error(args)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if args.engine == "ray":
         local = [flag for flag, value in (("--compile", args.compile), ("--views-per-call", args.views_per_call),
                                           ("--threads", args.threads)) if value]  # fmt: skip
@@ -322,13 +363,14 @@ def run_encode(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .runner import DeviceFailed, encode, tower_name
+    from .runner import DeviceFailed, OutputMismatch, encode, tower_name
     from .sources import parse_page_ranges
     from .weights import WeightsError, load_model
     from .writer import OutputLocked, UnreadableFile
 
     try:  # before the tower loads and the output folder is locked
         parse_page_ranges(args.pages)
+        _checked_processor(args, _weights_are_v2(args))  # the tower's own kind decides below (a hub id's V2)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -336,7 +378,11 @@ def run_encode(args: argparse.Namespace) -> int:
     rank, world_size, local_rank = _init_distributed()
     say = (lambda *a, **k: print(*a, **k, file=sys.stderr)) if rank == 0 else (lambda *a, **k: None)
     try:
-        device = _device(args.device, local_rank)
+        try:
+            device = _device(args.device, local_rank)
+        except ValueError as error:
+            say(f"error: {error}")
+            return 2
         try:  # built on the device, in the compute dtype
             model, description = load_model(
                 args.weights,
@@ -369,7 +415,7 @@ def run_encode(args: argparse.Namespace) -> int:
         say(f"mode {args.mode}, {args.features} features as {args.dtype}, device {device}{world} -> {args.out}")
         try:
             result = encode(args.inputs, args.out, model, processor, options)
-        except OutputLocked as error:
+        except (OutputLocked, OutputMismatch) as error:
             say(f"error: {error}")
             return 2
         except DeviceFailed as error:

@@ -51,7 +51,7 @@ from .runner import (
     resolve_options,
     tower_name,
 )
-from .sources import Document, discover
+from .sources import Document, discover, no_documents_warning
 
 
 def _require_ray():
@@ -204,12 +204,16 @@ def _compute(concurrency: int | tuple[int, int]):
 class _Driver:
     """The driver's share: manifest rows (exactly once per page), counts, document merges as Ray tasks."""
 
-    def __init__(self, folder: writer.Folder, result: EncodeResult, max_merges: int) -> None:
+    def __init__(
+        self, folder: writer.Folder, result: EncodeResult, max_merges: int, work: PageWork, documents: list[Document]
+    ) -> None:
         import ray
 
         self.folder, self.result = folder, result
         self.manifest = writer.ManifestWriter(folder)
-        self.ok_rows = {(r.get("output"), r.get("key")) for r in writer.all_rows(folder) if r.get("status") == "ok"}
+        rows = [row for row in writer.all_rows(folder) if row.get("status") == "ok"]
+        work.check_done(folder, rows, documents)  # before anything is written
+        self.ok_rows = {(row.get("output"), row.get("key")) for row in rows}
         self.remaining: dict[str, int] = {}
         self.seen: set[tuple[str, int]] = set()
         self.merges: list = []
@@ -332,13 +336,13 @@ def encode_dataset(
                 print(f"warning: {lock.warning}", flush=True)
             writer.clean_temp_files(folder)
             writer.merge_manifests(folder)
-            documents = discover(inputs)
+            documents = discover(inputs, on_empty=no_documents_warning)
             result = EncodeResult(out_dir=folder.display(), documents=len(documents))
-            driver = _Driver(folder, result, max_merges_in_flight)
+            work = PageWork(processor, options)
+            driver = _Driver(folder, result, max_merges_in_flight, work, documents)
             started = time.perf_counter()
             try:
                 if documents:
-                    work = PageWork(processor, options)
                     records = [{"source": d.source, "name": d.name, "kind": d.kind} for d in documents]
                     dataset = (
                         ray.data.from_items(records, override_num_blocks=min(len(records), 200))
@@ -357,6 +361,7 @@ def encode_dataset(
             finally:
                 driver.finish()
             writer.merge_manifests(folder)
+            writer.remove_empty_part_folders(folder)
             result.seconds = time.perf_counter() - started
     finally:
         context.enable_progress_bars = progress_bars

@@ -10,7 +10,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -37,6 +37,7 @@ from .sources import (
     count_pages,
     default_long_side,
     discover,
+    no_documents_warning,
     parse_page_ranges,
     select_pages,
 )
@@ -234,7 +235,17 @@ class PageWork:
         self.preview_dir = os.fspath(options.preview_dir) if options.preview_dir else None
 
     # ------------------------------------------------------------------ rows
+    def run_settings(self) -> dict:
+        """What every row of this run states about how its pages were encoded (None: not known here)."""
+        return {
+            "tower": self.tower,
+            "mode": self.processor.mode,
+            "features": self.options.features,
+            "dtype": str(self.options.dtype).removeprefix("torch."),
+        }
+
     def row(self, document: Document, index: int | None, **values) -> dict:
+        settings = self.run_settings()
         row = {
             "source": document.source,
             "document": document.name,
@@ -243,18 +254,52 @@ class PageWork:
             "tokens": None,
             "output": None,
             "key": None,
-            "tower": self.tower,
-            "mode": self.processor.mode,
+            "tower": settings["tower"],
+            "mode": settings["mode"],
             "grid": None,
             "size": None,
-            "features": self.options.features,
+            "features": settings["features"],
             "dim": None,
-            "dtype": str(self.options.dtype).removeprefix("torch."),
+            "dtype": settings["dtype"],
             "seconds": None,
             "error": None,
         }
         row.update(values)
         return row
+
+    def mismatch(self, row: dict) -> str | None:
+        """How a page already in the output folder (its ok row) was encoded otherwise than this run would: another
+        tower, mode, features or dtype, or another token count for its size (other `base_size` / `tile_size`);
+        None when it matches. A resumed run skips the pages it finds, so it must not find another run's."""
+        differ = [
+            f"{name} {row[name]} (this run: {value})"
+            for name, value in self.run_settings().items()
+            if value is not None and row.get(name) is not None and row[name] != value
+        ]
+        size, tokens = row.get("size"), row.get("tokens")
+        if not differ and self.options.features == "projected" and self.processor.mode != AUTO and size and tokens:
+            planned = self.processor.num_image_tokens(*size)
+            if planned != tokens:
+                differ.append(f"{tokens} tokens for a {size[0]}x{size[1]} page (this run's processor: {planned})")
+        if not differ:
+            return None
+        return f"{row.get('document')} page {row.get('page')}: " + ", ".join(differ)
+
+    def check_done(
+        self, folder: writer.Folder, rows: Iterable[dict], documents: Iterable[Document] | None = None
+    ) -> None:
+        """Raise `OutputMismatch` when a page of `rows` (ok rows already in `folder`) was encoded otherwise; with
+        `documents`, only the pages of those (this run's: other documents of the folder may have been encoded in
+        another mode on purpose, as `mode="auto"` does page by page)."""
+        names = None if documents is None else {document.name for document in documents}
+        for row in rows:
+            if names is not None and row.get("document") not in names:
+                continue
+            if row.get("status") == "ok" and (found := self.mismatch(row)) is not None:
+                raise OutputMismatch(
+                    f"{folder.display()} holds pages encoded otherwise than this run asks ({found}); a resumed run "
+                    "would skip them and mix the two: encode into another folder, or delete the folder's outputs"
+                )
 
     def error_row(self, document: Document, index: int | None, message: str, seconds: float | None = None) -> dict:
         return self.row(document, index, error=message, seconds=None if seconds is None else round(seconds, 4))
@@ -275,6 +320,7 @@ class PageWork:
         # an I/O error here (a full disk, a network failure) stops the run and changes nothing: a rerun resumes
         keys, metadata = writer.merge_document_rows(folder, document.name, on_unreadable=unreadable)
         done_rows = [json.loads(metadata[key]) for key in keys if key in metadata]
+        self.check_done(folder, done_rows)  # rows a killed run left only in its parts: not checked at the start
         try:
             count = count_pages(document)
         except Exception as error:  # noqa: BLE001 - bad input never stops the run
@@ -646,6 +692,11 @@ class _CpuStager:
             self.free.append(slab[0])
 
 
+class OutputMismatch(ValueError):
+    """The output folder holds pages encoded with other settings (tower, mode, features, dtype, view sizes) than
+    this run's: resuming would skip them, leaving a folder whose pages do not go together. Nothing was written."""
+
+
 class DeviceFailed(RuntimeError):
     """The accelerator hit an error that leaves its context unusable (device-side assert, illegal address, ...):
     the run stops with this message; what was written is whole and a rerun resumes."""
@@ -897,14 +948,15 @@ class _Encoder:
             return None
         return self.options.threads or None
 
-    def run(self, documents: list[Document]) -> EncodeResult:
+    def run(self, documents: list[Document], done: list[dict] | None = None) -> EncodeResult:
+        """Encode `documents`; `done`: the ok rows already in the folder (read here if not given)."""
         from tqdm.auto import tqdm
 
         options = self.options
         self.result.documents = len(documents)
-        self.ok_rows = {
-            (row.get("output"), row.get("key")) for row in writer.all_rows(self.folder) if row.get("status") == "ok"
-        }
+        if done is None:
+            done = [row for row in writer.all_rows(self.folder) if row.get("status") == "ok"]
+        self.ok_rows = {(row.get("output"), row.get("key")) for row in done}
         items: queue.Queue = queue.Queue(maxsize=max(1, options.batch_size - 1))
         stop = threading.Event()
         desc = "encode" if self.world_size == 1 else f"encode rank {self.rank}/{self.world_size}"
@@ -1064,15 +1116,18 @@ def encode(
             writer.clean_temp_files(folder)
             writer.merge_manifests(folder)
         _barrier()
-        documents = discover(inputs)
+        documents = discover(inputs, on_empty=no_documents_warning if rank == 0 else None)
         work = PageWork(processor, options, tower_name(model))
+        done = [row for row in writer.all_rows(folder) if row.get("status") == "ok"]
+        work.check_done(folder, done, documents)  # every rank alike, before anything is written
         encoder = _Encoder(model.eval(), work, folder, rank, world_size)
-        result = encoder.run(shard(documents, rank, world_size))
+        result = encoder.run(shard(documents, rank, world_size), done)
         result = _gather(result, world_size)
         result.documents = len(documents)
         _barrier()
         if rank == 0:
             writer.merge_manifests(folder)
+            writer.remove_empty_part_folders(folder)
         _barrier()
     finally:
         if lock is not None:

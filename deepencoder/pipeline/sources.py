@@ -12,6 +12,7 @@ import ctypes
 import glob
 import hashlib
 import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -108,6 +109,21 @@ def resolve_source(source: str) -> tuple[fsspec.AbstractFileSystem | None, str]:
     return (None, path) if isinstance(fs, LocalFileSystem) else (fs, path)
 
 
+def _wanted_match(pattern: str, match: str, is_dir: bool) -> bool:
+    """Whether a glob's match is an input: a folder, a PDF or an image, or a file of the suffix the pattern itself
+    names (`lists/*.txt` asks for path lists; `scans/*` does not take a page's OCR `.txt` beside it for one)."""
+    suffix = os.path.splitext(match)[1].lower()
+    if is_dir or suffix in PDF_SUFFIXES + IMAGE_SUFFIXES:
+        return True
+    return bool(suffix) and pattern.lower().endswith(suffix)
+
+
+def _list_entries(text: str) -> list[str]:
+    """The paths of a list file: one a line, `#` comments and blank lines skipped, a byte-order mark ignored."""
+    lines = (line.strip() for line in text.removeprefix("\ufeff").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
 def _expand_url(arg: str, seen_lists: set[str]) -> list[tuple[str, str]]:
     fs, path = fsspec.core.url_to_fs(arg)
     path = path.rstrip("/")
@@ -121,15 +137,34 @@ def _expand_url(arg: str, seen_lists: set[str]) -> list[tuple[str, str]]:
         seen_lists.add(arg)
         parent = fs.unstrip_protocol(path.rsplit("/", 1)[0]) if "/" in path else ""
         out = []
-        for line in fs.cat_file(path).decode("utf-8").splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                entry = line if _is_url(line) or line.startswith("/") else f"{parent}/{line}"
-                out.extend(_expand(entry, seen_lists))
+        for line in _list_entries(fs.cat_file(path).decode("utf-8")):
+            entry = line if _is_url(line) or line.startswith("/") else f"{parent}/{line}"
+            out.extend(_expand(entry, seen_lists))
         return out
     if any(c in path for c in GLOB_CHARS) and not fs.exists(path):
-        return [item for match in sorted(fs.glob(path)) for item in _expand(fs.unstrip_protocol(match), seen_lists)]
+        matches = [m for m in sorted(fs.glob(path)) if _wanted_match(path, m, fs.isdir(m))]
+        return [item for match in matches for item in _expand(fs.unstrip_protocol(match), seen_lists)]
     return [(arg, path.rsplit("/", 1)[-1])]
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """The PDFs and images under `folder`, through symbolic links to folders too (each real folder walked once: a
+    link back up is no loop), sorted by their path below `folder`."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found.extend(Path(top) / name for name in files if Path(name).suffix.lower() in PDF_SUFFIXES + IMAGE_SUFFIXES)
+    return sorted((p for p in found if p.is_file()), key=lambda p: p.relative_to(folder).parts)
+
+
+def no_documents_warning(arg: str) -> None:
+    """`discover`'s `on_empty` of the encode entry points: one line on stderr."""
+    print(f"warning: {arg}: no PDF or image found there, nothing to encode from it", file=sys.stderr)
 
 
 def _expand(arg: str, seen_lists: set[str]) -> list[tuple[str, str]]:
@@ -138,21 +173,18 @@ def _expand(arg: str, seen_lists: set[str]) -> list[tuple[str, str]]:
         return _expand_url(arg, seen_lists)
     path = Path(arg)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PDF_SUFFIXES + IMAGE_SUFFIXES)
-        return [(str(p), p.relative_to(path).as_posix()) for p in found]
+        return [(str(p), p.relative_to(path).as_posix()) for p in _files_under(path)]
     if path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
         if str(path.resolve()) in seen_lists:
             return []
         seen_lists.add(str(path.resolve()))
         out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                entry = line if Path(line).is_absolute() else str(path.parent / line)
-                out.extend(_expand(entry, seen_lists))
+        for line in _list_entries(path.read_text(encoding="utf-8")):
+            entry = line if Path(line).is_absolute() else str(path.parent / line)
+            out.extend(_expand(entry, seen_lists))
         return out
     if not path.exists() and any(c in arg for c in GLOB_CHARS):
-        matches = sorted(glob.glob(arg, recursive=True))
+        matches = [m for m in sorted(glob.glob(arg, recursive=True)) if _wanted_match(arg, m, os.path.isdir(m))]
         return [item for match in matches for item in _expand(match, seen_lists)]
     return [(arg, path.name)]  # a file (any suffix: it is tried), or a missing path that becomes an error row
 
@@ -163,14 +195,20 @@ def _identity(source: str) -> str:
     return str(Path(path).resolve()) if fs is None else fs.unstrip_protocol(path)
 
 
-def discover(inputs: Sequence[str | os.PathLike]) -> list[Document]:
-    """Files, folders (recursive, by suffix), globs and text files of paths (one a line, `#` comments) -> documents,
+def discover(inputs: Sequence[str | os.PathLike], on_empty: Callable[[str], None] | None = None) -> list[Document]:
+    """Files, folders (recursive, by suffix, through links to folders), globs (their matches: folders, PDFs and images,
+    or files of the suffix the pattern names) and text files of paths (one a line, `#` comments) -> documents,
     sorted by output name. A source listed twice is kept once; two sources with the same relative name get a short
-    hash of their absolute path appended, so every document has its own output file whatever the order of inputs."""
+    hash of their absolute path appended, so every document has its own output file whatever the order of inputs.
+    on_empty: told each input (a folder, a glob, a list) that gave no document (a typo in a pattern, an empty folder),
+    which is otherwise silent."""
     seen_lists: set[str] = set()
     by_source: dict[str, str] = {}
     for arg in inputs:
-        for source, name in _expand(os.fspath(arg), seen_lists):
+        expanded = _expand(os.fspath(arg), seen_lists)
+        if not expanded and on_empty is not None:
+            on_empty(os.fspath(arg))
+        for source, name in expanded:
             by_source.setdefault(_identity(source), source + "\0" + name)
     entries = sorted((value.split("\0") for value in by_source.values()), key=lambda e: (e[1], e[0]))
     counts: dict[str, int] = {}
@@ -186,7 +224,9 @@ def discover(inputs: Sequence[str | os.PathLike]) -> list[Document]:
 
 
 def parse_page_ranges(spec: str | None) -> list[tuple[int, int | None]] | None:
-    """`"0-2,5,9-"` -> [(0, 2), (5, 5), (9, None)]: 0-based page indices, inclusive, open-ended with a trailing `-`."""
+    """`"0-2,5,9-,-1"` -> [(0, 2), (5, 5), (9, None), (0, 1)]: 0-based page indices, inclusive, open-ended with a
+    trailing `-` (to the last page), from page 0 with a leading one. A range whose end comes before its start is
+    refused (it would select nothing)."""
     if not spec:
         return None
     ranges: list[tuple[int, int | None]] = []
@@ -200,6 +240,9 @@ def parse_page_ranges(spec: str | None) -> list[tuple[int, int | None]] | None:
                 ranges.append((int(part), int(part)))
         except ValueError as error:
             raise ValueError(f"bad page range {part!r} in {spec!r}; use 0-based indices like 0-2,5,9-") from error
+        first, last = ranges[-1]
+        if first < 0 or (last is not None and last < first):
+            raise ValueError(f"page range {part!r} in {spec!r} selects no page: its end comes before its start")
     return ranges
 
 

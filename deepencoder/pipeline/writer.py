@@ -484,6 +484,19 @@ def is_temp_name(name: str) -> bool:
     return _TEMP_NAME.search(name) is not None
 
 
+def remove_empty_part_folders(folder: Folder) -> None:
+    """At the end of a run: the part folders merges left empty (`.parts/` and the folders of documents in
+    subfolders); a folder still holding a part (another run's, a failed merge's) stays. Object stores have none."""
+    if not folder.local:
+        return
+    top = folder.local_path(PARTS_DIR)
+    for directory, _, _ in sorted(os.walk(top), key=lambda entry: -len(Path(entry[0]).parts)):
+        try:
+            os.rmdir(directory)
+        except OSError:  # not empty, or gone
+            pass
+
+
 def clean_temp_files(folder: Folder) -> int:
     """Remove temp files a killed run left behind (never a file under its final name)."""
     removed = 0
