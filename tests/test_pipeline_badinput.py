@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from deepencoder.cli import main
 from deepencoder.pipeline import weights
+from deepencoder.pipeline.sources import PageError, count_pages, discover
 from deepencoder.pipeline.writer import read_rows
 
 
@@ -116,3 +117,17 @@ def test_inputs_giving_no_document_are_warned_about_and_no_part_folder_stays(tmp
     assert status == 0 and "encoded 2 pages" in err
     assert f"warning: {pattern}: no PDF or image found" in err and f"warning: {tmp_path / 'empty'}: no PDF" in err
     assert (out / "sub" / "book.pdf.safetensors").is_file() and not (out / ".parts").exists()
+
+
+def test_a_file_whose_suffix_lies_is_named_for_what_it_is(tmp_path):
+    """A PDF saved as `.jpg` and a PNG saved as `.pdf`: the error row says what each file is (it said "cannot
+    identify image file" / "Data format error" and left the user to guess)."""
+    make_pdf(tmp_path / "real.pdf", 1)
+    (tmp_path / "scan.jpg").write_bytes((tmp_path / "real.pdf").read_bytes())
+    Image.new("RGB", (40, 60), "white").save(tmp_path / "picture.png")
+    (tmp_path / "image.pdf").write_bytes((tmp_path / "picture.png").read_bytes())
+    by_name = {d.name: d for d in discover([tmp_path / "scan.jpg", tmp_path / "image.pdf"])}
+    with pytest.raises(PageError, match=r"cannot read image .*; the file is a PDF: give it the \.pdf suffix"):
+        count_pages(by_name["scan.jpg"])
+    with pytest.raises(PageError, match=r"cannot open PDF .*; the file is a PNG image: give it its image suffix"):
+        count_pages(by_name["image.pdf"])

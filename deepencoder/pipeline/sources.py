@@ -283,6 +283,26 @@ def _image_file(source: str):
     return path if fs is None else fs.open(path, "rb")
 
 
+def _misnamed(source: str, kind: str) -> str:
+    """For a file that failed to open as its suffix says: what it holds instead, when that is clear (a PDF saved as
+    `.jpg`, an image saved as `.pdf`), as a sentence to append; "" otherwise. Read only on failure: one small read."""
+    fs, path = resolve_source(source)
+    try:
+        if fs is None:
+            with open(path, "rb") as handle:
+                head = handle.read(8)
+        else:
+            head = fs.cat_file(path, start=0, end=8)
+        if kind != "pdf" and head.startswith(b"%PDF-"):
+            return "; the file is a PDF: give it the .pdf suffix"
+        if kind == "pdf" and not head.startswith(b"%PDF-"):
+            with Image.open(_image_file(source)) as image:
+                return f"; the file is a {image.format} image: give it its image suffix"
+    except Exception:  # noqa: BLE001 - only a hint: the error itself stands
+        pass
+    return ""
+
+
 def _open_pdf(source: str):
     import pypdfium2 as pdfium
 
@@ -293,7 +313,7 @@ def _open_pdf(source: str):
         text = str(error)
         if "password" in text.lower():
             raise PageError("encrypted PDF (password required); decrypt it first, e.g. `qpdf --decrypt`") from error
-        raise PageError(f"cannot open PDF ({text})") from error
+        raise PageError(f"cannot open PDF ({text}){_misnamed(source, 'pdf')}") from error
 
 
 def count_pages(document: Document) -> int:
@@ -315,7 +335,8 @@ def count_pages(document: Document) -> int:
     except Image.DecompressionBombError as error:
         raise PageError(BOMB_HINT.format(error=error)) from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise PageError(f"cannot read image ({type(error).__name__}: {error})") from error
+        hint = _misnamed(document.source, document.kind)
+        raise PageError(f"cannot read image ({type(error).__name__}: {error}){hint}") from error
 
 
 def check_size(width: int, height: int, options: RenderOptions) -> None:
