@@ -4,6 +4,7 @@ discovery, page ranges, previews and the manifest loaders."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -19,6 +20,8 @@ from deepencoder.pipeline import (
     load_manifest,
     manifest_generator,
     parse_page_ranges,
+    to_hf_dataset,
+    writer,
 )
 from deepencoder.pipeline.writer import read_rows
 
@@ -171,3 +174,91 @@ def test_hf_datasets_loader(tmp_path, model):
     assert len(dataset) == 1 and len(dataset[0]["image_embeds"]) == dataset[0]["tokens"]
     row = json.loads((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()[0])
     assert dataset[0]["source"] == row["source"]
+
+
+def test_hf_dataset_follows_a_resumed_run_and_the_manifest_keeps_the_latest_rows(tmp_path, model):
+    """`to_hf_dataset` after a later run added pages gives them (`datasets` served the first state from its cache,
+    keyed by the unchanged path); `load_manifest` lists a document that failed and was fixed since as fixed, and
+    a page retried under another spelling of its source keeps only its latest row."""
+    make_documents(tmp_path / "in")
+    cache = tmp_path / "cache"
+    encode([tmp_path / "in"], tmp_path / "out", model, processor(), pages="0", progress=False)
+    first = to_hf_dataset(tmp_path / "out", cache_dir=cache)
+    encode([tmp_path / "in"], tmp_path / "out", model, processor(), progress=False)
+    again = to_hf_dataset(tmp_path / "out", cache_dir=cache)
+    assert len(first) == 4 and len(again) == len(EncodedPages(tmp_path / "out")) == 7
+
+    (tmp_path / "fix").mkdir()
+    (tmp_path / "fix" / "late.png").write_bytes(b"not yet a picture")
+    encode([tmp_path / "fix"], tmp_path / "fixed", model, processor(), progress=False)
+    assert [r["page"] for r in load_manifest(tmp_path / "fixed", status="error")] == [None]
+    text_page((200, 300), "late").save(tmp_path / "fix" / "late.png")
+    relative = os.path.relpath(tmp_path / "fix", os.getcwd())  # another spelling of the same source
+    encode([relative], tmp_path / "fixed", model, processor(), progress=False)
+    assert load_manifest(tmp_path / "fixed", status="error") == []
+    assert [(r["document"], r["page"]) for r in load_manifest(tmp_path / "fixed")] == [("late.png", 0)]
+
+
+BAD_OPTIONS = [
+    (dict(dtype=torch.int8), "EncodeOptions.dtype: unsupported dtype torch.int8"),
+    (dict(batch_size=2.5), "batch_size must be a whole number of at least 1"),
+    (dict(batch_size=0), "batch_size must be a whole number of at least 1"),
+    (dict(threads=-1), "threads must be a whole number of at least 1"),
+    (dict(prefetch=-5), "prefetch must be a whole number of at least 1"),
+    (dict(dpi=0), "dpi must be a number above 0"),
+    (dict(dpi=-5), "dpi must be a number above 0"),
+    (dict(max_aspect=0), "max_aspect must be a number at least 1"),
+    (dict(max_image_pixels=-1), "max_image_pixels must be a whole number of at least 0"),
+    (dict(page_timeout=-1), "page_timeout must be a number at least 0"),
+    (dict(lock_stale_after=-1), "lock_stale_after must be a number above 0"),
+    (dict(features="tokens"), "features must be one of"),
+    (dict(pages="5-2"), "selects no page"),
+]
+
+
+@pytest.mark.parametrize("bad, said", BAD_OPTIONS, ids=[str(b) for b, _ in BAD_OPTIONS])
+def test_bad_options_raise_before_anything_is_created(tmp_path, model, bad, said):
+    """Each failed after the forward (a string dtype, int8: every page an error row or a writer traceback), was
+    taken as another value (batch_size 0 as 1, dpi 0 as the default) or made every page an error row (dpi -5,
+    max_aspect 0); a bad `features` left an empty locked-then-released folder behind."""
+    make_documents(tmp_path / "in")
+    with pytest.raises(ValueError, match=said):
+        encode([tmp_path / "in"], tmp_path / "out", model, processor(), progress=False, **bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_dtype_by_name_and_options_left_as_given(tmp_path, model):
+    """`dtype="bfloat16"` (the CLI's spelling) stores bf16 pages; the caller's `EncodeOptions` is not changed by
+    the keyword overrides of a run (a reused object kept them)."""
+    make_documents(tmp_path / "in")
+    options = EncodeOptions(batch_size=2)
+    result = encode([tmp_path / "in" / "book.pdf"], tmp_path / "out", model, processor(), options, dtype="bfloat16",
+                    progress=False)  # fmt: skip
+    assert result.ok and options.dtype == torch.float32 and options.progress
+    assert load_file(str(tmp_path / "out" / "book.pdf.safetensors"))["page.0"].dtype == torch.bfloat16
+
+
+def test_encoded_pages_of_a_run_in_progress_are_read_from_their_parts(tmp_path):
+    """Rows are appended as soon as a batch's part file is written, before the document is merged: `EncodedPages`
+    reads such a page from its part (it raised FileNotFoundError for a new document, KeyError for a page added to
+    an existing one), and from the document file once merged."""
+    folder = writer.Folder(tmp_path / "out")
+    pages = {i: torch.randn(3 + i, 4) for i in range(3)}
+
+    def write(indices):
+        entries = [(writer.page_key(i), pages[i], {"document": "doc.pdf", "page": i, "status": "ok",
+                                                   "output": "doc.pdf.safetensors", "key": writer.page_key(i),
+                                                   "source": "doc.pdf", "tokens": 3 + i}) for i in indices]  # fmt: skip
+        writer.write_pages(folder, "doc.pdf", entries)
+        with open(tmp_path / "out" / "manifest.jsonl", "a") as manifest:
+            manifest.writelines(json.dumps(row) + "\n" for *_, row in entries)
+
+    write([0])
+    assert torch.equal(EncodedPages(tmp_path / "out")[0]["image_embeds"], pages[0])  # only in its part
+    writer.merge_document(folder, "doc.pdf")
+    write([1, 2])  # a resumed document: page 0 in the file, pages 1 and 2 in a part
+    read = EncodedPages(tmp_path / "out")
+    assert [read[i]["page"] for i in range(3)] == [0, 1, 2]
+    assert all(torch.equal(read[i]["image_embeds"], pages[i]) for i in range(3))
+    writer.merge_document(folder, "doc.pdf")
+    assert all(torch.equal(read[i]["image_embeds"], pages[i]) for i in range(3))

@@ -169,3 +169,31 @@ def test_parts_left_by_a_run_with_other_settings_stop_the_run(tmp_path):
     model = DeepEncoderModel.from_pretrained(tiny_weights(tmp_path / "tiny")).eval()
     with pytest.raises(OutputMismatch, match=r"book\.pdf page 0: mode tiny \(this run: gundam\)"):
         encode([str(tmp_path / "in")], tmp_path / "out", model, processor(), workers=0, progress=False)
+
+
+def test_another_file_under_a_done_documents_name_is_not_mixed_in(tmp_path):
+    """A second input folder whose `report.pdf` is another file (3 pages, where the folder holds a 2-page
+    `report.pdf`): it used to be taken as 2 pages done and its page 2 appended to the other file's. It now gets a
+    document error row naming both files and nothing of it is written; the same file (by size) resumes as before."""
+    model = DeepEncoderModel.from_pretrained(tiny_weights(tmp_path / "tiny")).eval()
+    for folder, count in (("batch1", 2), ("batch2", 3)):
+        (tmp_path / folder).mkdir()
+        make_pdf(tmp_path / folder / "report.pdf", count, label=folder)
+    out = tmp_path / "out"
+    first = encode([tmp_path / "batch1"], out, model, processor(), workers=0, progress=False)
+    assert first.pages_ok == 2
+    before = _tree(out)
+    second = encode([tmp_path / "batch2"], out, model, processor(), workers=0, progress=False)
+    assert not second.ok and second.pages_ok == 0 and second.pages_skipped == 0
+    (error,) = second.errors
+    assert error["page"] is None and "holds pages of another file under this name" in error["error"]
+    assert str(tmp_path / "batch1" / "report.pdf") in error["error"]
+    stored = load_file(str(out / "report.pdf.safetensors"))
+    assert (
+        sorted(stored) == ["page.0", "page.1"]
+        and (out / "report.pdf.safetensors").read_bytes() == before["report.pdf.safetensors"]
+    )
+    rows = [r for r in read_rows(out / "manifest.jsonl") if r["status"] == "ok"]
+    assert [r["source_bytes"] for r in rows] == [(tmp_path / "batch1" / "report.pdf").stat().st_size] * 2
+    again = encode([tmp_path / "batch1"], out, model, processor(), workers=0, progress=False)
+    assert again.ok and again.pages_skipped == 2 and again.pages_ok == 0

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -166,6 +167,26 @@ def test_stale_locks_are_taken_over(tmp_path):
     (tmp_path / "out" / LOCK).write_text(json.dumps(holder))
     with pytest.raises(OutputLocked, match="host elsewhere, pid 1"):
         OutputLock(folder, stale_after_s=600).acquire()
+
+
+def test_a_lock_still_being_written_is_read_once_written(tmp_path):
+    """Two runs started together: the loser finds the winner's lock file created and still empty. It waits for the
+    content and names the holder (it printed "host ?, pid ?, started 1970-01-01"); a lock that stays empty is
+    described as a run starting."""
+    folder = Folder(tmp_path / "out")
+    folder.makedirs()
+    (tmp_path / "out" / LOCK).write_bytes(b"")
+    holder = {"host": "elsewhere", "pid": 7, "started": time.time(), "heartbeat": time.time()}
+    writer = threading.Timer(0.2, lambda: (tmp_path / "out" / LOCK).write_text(json.dumps(holder)))
+    writer.start()
+    try:
+        with pytest.raises(OutputLocked, match="host elsewhere, pid 7"):
+            OutputLock(folder).acquire()
+    finally:
+        writer.join()
+    (tmp_path / "out" / LOCK).write_bytes(b"")
+    with pytest.raises(OutputLocked, match="a run starting just now"):
+        OutputLock(folder).acquire()
 
 
 def test_heartbeat_refreshes_the_lock(tmp_path):

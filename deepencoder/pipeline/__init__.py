@@ -16,7 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .dataset import EncodedPages, load_manifest, manifest_generator, to_hf_dataset
+    from .dataset import EncodedPages, load_manifest, manifest_generator, manifest_state, to_hf_dataset
     from .names import DEFAULT_WEIGHTS, FEATURES
     from .producer import prestart_workers
     from .runner import DeviceFailed, EncodeOptions, EncodeResult, OutputMismatch, encode, shard, tower_name
@@ -45,6 +45,7 @@ _PUBLIC: dict[str, str] = {
     "load_manifest": "dataset",
     "load_model": "weights",
     "manifest_generator": "dataset",
+    "manifest_state": "dataset",
     "parse_page_ranges": "sources",
     "prestart_workers": "producer",
     "shard": "runner",
@@ -70,6 +71,7 @@ __all__ = [
     "load_manifest",
     "load_model",
     "manifest_generator",
+    "manifest_state",
     "parse_page_ranges",
     "prestart_workers",
     "shard",

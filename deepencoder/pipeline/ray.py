@@ -104,7 +104,7 @@ def _expand(record: dict[str, Any], work: PageWork, folder: writer.Folder) -> li
     head = _Item("start", document, len(start.todo), skipped=start.skipped, done_rows=start.done_rows)
     if start.error is not None:
         head.row = work.error_row(document, None, start.error)
-    items = [head] + [_Item("page", document, len(start.todo), index=i) for i in start.todo]
+    items = [head] + [_Item("page", start.document, len(start.todo), index=i) for i in start.todo]
     return [{"item": pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)} for item in items]
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
+from ..dtypes import parse_dtype
 from ..image_processing_auto_mode import ModeChoice
 from ..image_processing_deepencoder import (
     AUTO,
@@ -40,6 +41,7 @@ from .sources import (
     no_documents_warning,
     parse_page_ranges,
     select_pages,
+    source_size,
 )
 
 
@@ -90,6 +92,48 @@ class EncodeOptions:
     lock_stale_after: float = 300.0
     tokenizer: str | os.PathLike | None = None
     warmup: bool | None = None
+
+    def checked(self) -> EncodeOptions:
+        """A copy with `dtype` as a torch dtype (`"bfloat16"`, `"bf16"` and `torch.bfloat16` alike); ValueError naming
+        the field when a value cannot work (it failed late, after the tower had run, or was silently taken as
+        another value)."""
+
+        def whole(name: str, least: int, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"EncodeOptions.{name} must be a whole number of at least {least}, got {value!r}")
+
+        def number(name: str, least: float, optional: bool = False, strict: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            if not ok or value < least or (strict and value == least):
+                bound = f"above {least}" if strict else f"at least {least}"
+                raise ValueError(f"EncodeOptions.{name} must be a number {bound}, got {value!r}")
+
+        if self.features not in FEATURES:
+            raise ValueError(f"EncodeOptions.features must be one of {FEATURES}, got {self.features!r}")
+        if self.worker_start not in START_METHODS:
+            raise ValueError(f"EncodeOptions.worker_start must be one of {START_METHODS}, got {self.worker_start!r}")
+        whole("batch_size", 1)
+        whole("workers", 0)
+        whole("prefetch", 1, optional=True)
+        whole("threads", 1, optional=True)
+        whole("max_image_pixels", 0, optional=True)
+        number("page_timeout", 0, optional=True)
+        number("dpi", 0, optional=True, strict=True)
+        number("max_aspect", 1)
+        number("sleep_per_batch", 0)
+        number("lock_stale_after", 0, strict=True)
+        parse_page_ranges(self.pages)
+        try:
+            dtype = parse_dtype(self.dtype)
+        except ValueError as error:
+            raise ValueError(f"EncodeOptions.dtype: {error}") from None
+        return replace(self, dtype=dtype)
 
 
 @dataclass
@@ -263,6 +307,7 @@ class PageWork:
             "dtype": settings["dtype"],
             "seconds": None,
             "error": None,
+            "source_bytes": document.source_bytes,
         }
         row.update(values)
         return row
@@ -322,9 +367,19 @@ class PageWork:
         done_rows = [json.loads(metadata[key]) for key in keys if key in metadata]
         self.check_done(folder, done_rows)  # rows a killed run left only in its parts: not checked at the start
         try:
-            count = count_pages(document)
+            size = source_size(document.source)
+            count = count_pages(document, checked=True)
         except Exception as error:  # noqa: BLE001 - bad input never stops the run
             return DocStart(document, [], 0, done_rows, _error_text(error))
+        document = replace(document, source_bytes=size)  # its rows carry the size
+        other = next((row for row in done_rows if row.get("source_bytes") not in (None, size)), None)
+        if other is not None:  # another file's pages under this name: never mixed with this one's
+            message = (
+                f"the output folder holds pages of another file under this name ({other.get('source')}, "
+                f"{other['source_bytes']} bytes; this one has {size}): a changed or different document, not encoded; "
+                f"encode it into another folder, or delete {document.output} to encode it again"
+            )
+            return DocStart(document, [], 0, [], message)
         done = {writer.key_index(key) for key in keys}
         wanted = select_pages(count, self.ranges, document.kind)
         todo = [i for i in wanted if i not in done]
@@ -830,7 +885,7 @@ class _Encoder:
                 start = self.work.start_document(self.folder, document)
                 yield start
                 for index in start.todo:
-                    yield PageTask(document, index)
+                    yield PageTask(start.document, index)
 
         producer = None
         stager = self.stager or (lambda page: page)
@@ -1059,12 +1114,11 @@ def _gather(result: EncodeResult, world_size: int) -> EncodeResult:
 
 
 def resolve_options(options: EncodeOptions | None, overrides: dict) -> EncodeOptions:
-    options = options or EncodeOptions()
-    for name, value in overrides.items():
-        if not hasattr(options, name):
-            raise TypeError(f"unknown encode option {name!r}")
-        setattr(options, name, value)
-    return options
+    """The run's options: `options` (never changed: a caller may reuse it) with `overrides` applied, checked."""
+    unknown = [name for name in overrides if name not in EncodeOptions.__dataclass_fields__]
+    if unknown:
+        raise TypeError(f"unknown encode option {unknown[0]!r}")
+    return replace(options or EncodeOptions(), **overrides).checked()
 
 
 def _lock_all_ranks(folder: writer.Folder, options: EncodeOptions, rank: int, world_size: int):

@@ -51,11 +51,14 @@ class PageError(Exception):
 @dataclass(frozen=True)
 class Document:
     """source: the path as found (relative paths stay relative); name: output file stem inside the output folder,
-    unique within a run (`<relative path>` of the source, e.g. `scans/a.pdf`); kind: `pdf` | `image`."""
+    unique within a run (`<relative path>` of the source, e.g. `scans/a.pdf`); kind: `pdf` | `image`;
+    source_bytes: the file's size once a run has looked at it (rows carry it: a rerun tells a changed or different
+    file under the same name from the one whose pages the folder holds)."""
 
     source: str
     name: str
     kind: str
+    source_bytes: int | None = None
 
     @property
     def output(self) -> str:
@@ -256,7 +259,8 @@ def select_pages(count: int, ranges: list[tuple[int, int | None]] | None, kind: 
 
 
 # ---------------------------------------------------------------------------------------------- opening
-def _check_file(source: str) -> None:
+def source_size(source: str) -> int:
+    """The size in bytes of a document's file; PageError for a missing, irregular or empty one."""
     fs, path = resolve_source(source)
     if fs is not None:
         try:
@@ -267,14 +271,16 @@ def _check_file(source: str) -> None:
             raise PageError("not a regular file")
         if not info.get("size"):
             raise PageError("empty file (0 bytes)")
-        return
+        return int(info["size"])
     local = Path(path)
     if not local.exists():
         raise PageError("no such file")
     if not local.is_file():
         raise PageError("not a regular file")
-    if local.stat().st_size == 0:
+    size = local.stat().st_size
+    if size == 0:
         raise PageError("empty file (0 bytes)")
+    return size
 
 
 def _image_file(source: str):
@@ -316,9 +322,11 @@ def _open_pdf(source: str):
         raise PageError(f"cannot open PDF ({text}){_misnamed(source, 'pdf')}") from error
 
 
-def count_pages(document: Document) -> int:
-    """Number of pages, opening only what is needed (PDF trailer, TIFF frames). Raises PageError."""
-    _check_file(document.source)
+def count_pages(document: Document, checked: bool = False) -> int:
+    """Number of pages, opening only what is needed (PDF trailer, TIFF frames). Raises PageError. checked: the
+    file's `source_size` was just taken (no second look)."""
+    if not checked:
+        source_size(document.source)
     if document.kind == "pdf":
         with PDFIUM_LOCK:
             pdf = _open_pdf(document.source)

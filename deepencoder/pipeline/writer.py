@@ -430,6 +430,17 @@ def write_pages(folder: Folder, document_name: str, pages: list[tuple[str, torch
     return relative
 
 
+def part_holding(folder: Folder, document_name: str, key: str) -> str | None:
+    """The part file (relative to the folder) holding page `key` of a document not merged yet (a run in progress, or
+    killed): the last one in name order if several do; None when none does."""
+    parts_dir = _parts_dir(document_name)
+    found = None
+    for name in folder.list(parts_dir, ".safetensors"):
+        if not is_temp_name(name) and key in read_keys(folder, f"{parts_dir}/{name}")[0]:
+            found = f"{parts_dir}/{name}"
+    return found
+
+
 def merge_document(
     folder: Folder, document_name: str, on_unreadable: Callable[[UnreadableFile], None] | None = None
 ) -> list[str]:
@@ -685,6 +696,8 @@ class OutputLock:
         return holder if isinstance(holder, dict) else {}
 
     def describe(self, holder: dict) -> str:
+        if not holder:
+            return "a run starting just now: its lock file is still being written"
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
         age = time.time() - float(holder.get("heartbeat", time.time()))
         return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {started}, heartbeat {age:.0f} s ago"
@@ -724,6 +737,11 @@ class OutputLock:
                     break
                 continue
             holder = self._read()
+            for _ in range(20):  # a run starting this instant has created the file and not yet written it: 1 s
+                if holder != {}:
+                    break
+                time.sleep(0.05)
+                holder = self._read()
             if holder is None:
                 continue
             reason = self.stale_reason(holder)
