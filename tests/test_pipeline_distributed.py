@@ -50,3 +50,17 @@ def test_two_processes_equal_one(tmp_path):
         a, b = load_file(str(tmp_path / "one" / name)), load_file(str(two / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert len(load_manifest(two)) == 9
+
+
+def test_a_launch_without_a_process_group_is_warned_about(tmp_path, monkeypatch, capsys):
+    """A script launched by torchrun (WORLD_SIZE=2) that calls `encode` without `init_process_group`: each process
+    encodes every document alone (they race for the folder's lock): it is now told so, and how to shard."""
+    make_pdf(tmp_path / "one.pdf", 1)
+    model = DeepEncoderModel.from_pretrained(tiny_weights(tmp_path / "tiny")).eval()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = encode([tmp_path / "one.pdf"], tmp_path / "out", model, processor(), workers=0, progress=False)
+    assert result.pages_ok == 1
+    assert "WORLD_SIZE=2 but torch.distributed is not initialised" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    encode([tmp_path / "one.pdf"], tmp_path / "out", model, processor(), workers=0, progress=False)
+    assert "WORLD_SIZE" not in capsys.readouterr().err

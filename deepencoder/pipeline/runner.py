@@ -220,9 +220,21 @@ _END = object()
 
 
 def _distributed() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group; (0, 1) without one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def _warn_unsharded_launch(world_size: int) -> None:
+    """A launcher's `WORLD_SIZE` above 1 with no process group: every process would encode every document (and all
+    but one find the output folder locked). `deepencoder encode` initialises the group itself; a script calls
+    `torch.distributed.init_process_group()` first."""
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if world_size == 1 and launched.isdigit() and int(launched) > 1:
+        print(f"warning: WORLD_SIZE={launched} but torch.distributed is not initialised: this process encodes every "
+              "document alone; call torch.distributed.init_process_group() before encode to shard them",
+              file=sys.stderr)  # fmt: skip
 
 
 def _barrier() -> None:
@@ -1155,7 +1167,8 @@ def encode(
     processor: a DeepEncoderImageProcessor or a mode name. Options: `EncodeOptions` fields, as an object or keywords.
     Pages already in `out_dir` are skipped (resume); a page that fails gets an error row and the run goes on.
     The run holds `out_dir/.lock`: a second run into the same folder raises `OutputLocked` naming the holder.
-    Under `torch.distributed` (torchrun / accelerate launch), documents are sharded by rank and the manifest
+    Under `torch.distributed` (torchrun / accelerate launch, the process group initialised: the CLI does it, a
+    script calls `torch.distributed.init_process_group()` first), documents are sharded by rank and the manifest
     parts are merged by rank 0 at the end; every rank returns the totals.
     """
     options = resolve_options(options, option_overrides)
@@ -1164,6 +1177,7 @@ def encode(
     folder = writer.as_folder(out_dir)
     folder.makedirs()
     rank, world_size = _distributed()
+    _warn_unsharded_launch(world_size)
     lock = _lock_all_ranks(folder, options, rank, world_size)
     try:
         if rank == 0:  # before any rank writes: leftovers of a killed run
