@@ -80,19 +80,17 @@ class EncodedPages(Dataset):
     def _read(folder: writer.Folder, relative: str, row: dict) -> torch.Tensor:
         """The page's tensor from its document file, or, while its document is not merged yet (a run in progress or
         killed: the rows are written as soon as the batch's part file is), from the part holding it."""
-        for _ in range(2):  # the merge may remove the part between finding and reading it: the file has it then
-            try:
-                return writer.read_tensor(folder, relative, row["key"])
-            except (FileNotFoundError, KeyError):
-                document = row.get("document")
-                part = writer.part_holding(folder, document, row["key"]) if document else None
-                if part is None:
-                    raise
-            try:
-                return writer.read_tensor(folder, part, row["key"])
-            except FileNotFoundError:
-                continue
-        return writer.read_tensor(folder, relative, row["key"])
+        try:
+            return writer.read_tensor(folder, relative, row["key"])
+        except (FileNotFoundError, KeyError):
+            document = row.get("document")
+            part = writer.part_holding(folder, document, row["key"]) if document else None
+            if part is None:
+                raise
+        try:
+            return writer.read_tensor(folder, part, row["key"])
+        except FileNotFoundError:  # merged since it was found: the document file holds the page now
+            return writer.read_tensor(folder, relative, row["key"])
 
 
 def manifest_generator(manifest: str | os.PathLike, state: str | None = None) -> Iterator[dict[str, Any]]:
