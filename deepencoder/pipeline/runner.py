@@ -271,10 +271,7 @@ class PageWork:
     returning `image_embeds` / `pre_projector` lists."""
 
     def __init__(self, processor: DeepEncoderImageProcessor, options: EncodeOptions, tower: str | None = None):
-        if options.features not in FEATURES:
-            raise ValueError(f"features must be one of {FEATURES}, got {options.features!r}")
-        if options.worker_start not in START_METHODS:
-            raise ValueError(f"worker_start must be one of {START_METHODS}, got {options.worker_start!r}")
+        options = options.checked()  # the same checks as `encode`'s (a PageWork may be built without it)
         self.processor = processor
         self.options = options
         self.tower = tower
@@ -581,7 +578,7 @@ class PageWork:
         except Exception as error:  # noqa: BLE001 - one bad batch must not stop the run
             if is_device_failure(error):
                 raise device_failed(error) from error
-            failure: tuple[bool, str] | None = (is_out_of_memory(error), _error_text(error))
+            failure = (is_out_of_memory(error), _error_text(error))
         else:
             return self._results(batch, features, start)
         # retried only here, out of the `except`: the error's traceback holds the failed forward's frames, and with
@@ -1015,14 +1012,12 @@ class _Encoder:
             return None
         return self.options.threads or None
 
-    def run(self, documents: list[Document], done: list[dict] | None = None) -> EncodeResult:
-        """Encode `documents`; `done`: the ok rows already in the folder (read here if not given)."""
+    def run(self, documents: list[Document], done: list[dict]) -> EncodeResult:
+        """Encode `documents`; `done`: the ok rows already in the folder."""
         from tqdm.auto import tqdm
 
         options = self.options
         self.result.documents = len(documents)
-        if done is None:
-            done = [row for row in writer.all_rows(self.folder) if row.get("status") == "ok"]
         self.ok_rows = {(row.get("output"), row.get("key")) for row in done}
         items: queue.Queue = queue.Queue(maxsize=max(1, options.batch_size - 1))
         stop = threading.Event()
